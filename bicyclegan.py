@@ -89,8 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=int, default=10, help="random samples per test input")
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same z for every test input")
-    args = p.parse_args(argv)
-    common.apply_quick(args, ngf=16, nef=16, ndf=16, num_workers=0)
+    args = common.parse_with_quick(p, argv, ngf=16, nef=16, ndf=16, num_workers=0)
     common.resolve_options(args)
     if args.batch_size < 2 or args.batch_size % 2:
         common.fail(f"--batch-size {args.batch_size} is odd: BicycleGAN splits each batch into an encoded "

@@ -8,6 +8,7 @@ network blocks | GAN loss, init, schedule | checkpoints, logging, sample grids |
 """
 import csv
 import functools
+import gzip
 import itertools
 import json
 import math
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -166,9 +168,13 @@ def download_and_extract(url, folder, chunk=1 << 20):
                 if z.testzip() is not None:
                     raise zipfile.BadZipFile("CRC mismatch")
         else:
+            if archive.name.endswith("gz"):  # read the whole stream: gzip checks its CRC at the end
+                with gzip.open(archive) as g:
+                    while g.read(1 << 24):
+                        pass
             with tarfile.open(archive) as t:
                 t.getmembers()
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
         archive.unlink()
         fail(f"the downloaded archive {archive} is broken ({e}); it was deleted, run again to "
              "download it anew")
@@ -442,11 +448,12 @@ def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, num_workers=0
     """One epoch's DataLoader: a shuffle fixed by (seed, epoch) so a resumed run can skip the
     batches it has already trained on and continue with exactly the same data."""
     dataset.set_epoch(epoch)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    order = order[skip_batches * batch_size:].tolist()
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=generator)[skip_batches * batch_size:].tolist()
+    # Its own generator also keeps the loader from drawing on the global RNG that z and dropout use.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=drop_last,
                                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=False)
+                                       generator=generator)
 
 
 def check_trainable(dataset, batch_size):
@@ -751,21 +758,20 @@ def adam(net, lr, betas=(0.5, 0.999), weight_decay=0.0):
 # ---------------------------------------------------------------------------------------------
 def default_out(args, script):
     if args.out is None:
-        name = Path(args.dataset).name if not args.quick else "quick"
+        name = "quick" if args.quick else Path(args.dataset).name
         args.out = str(Path("runs") / f"{Path(script).stem}_{name}")
     return Path(args.out)
 
 
-def apply_quick(args, **extra):
-    """--quick: a smoke configuration (toy data, 64 px, narrow nets, a few iterations)."""
-    if not args.quick:
-        return args
-    quick = dict(dataset="toy", load_size=64, crop_size=64, max_iters=20, epochs=1, epochs_decay=0,
-                 n_samples=3, num_test=4, log_every=5, **extra)
-    for key, value in quick.items():
-        if key == "dataset" and args.dataset not in (None, "toy"):
-            continue  # --quick on a named data set keeps it
-        setattr(args, key, value)
+def parse_with_quick(parser, argv=None, **extra):
+    """Parse the flags; with --quick, a smoke configuration (toy data, 64 px, a few iterations,
+    plus the script's `extra`, e.g. narrow nets) replaces the defaults. Flags given explicitly
+    still win, so `--quick --max-iters 4` runs 4 iterations."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(dataset="toy", load_size=64, crop_size=64, max_iters=20, epochs=1, epochs_decay=0,
+                            n_samples=3, num_test=4, log_every=5, **extra)
+        args = parser.parse_args(argv)
     return args
 
 

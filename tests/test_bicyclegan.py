@@ -1,0 +1,143 @@
+"""bicyclegan.py: loss terms by hand, gradient routing, runs as a user would, exact resume, errors."""
+import csv
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import bicyclegan
+import common
+from conftest import FACADES, needs_facades, run_script
+
+
+# --- loss terms against hand-computed values --------------------------------------------------
+def test_kl_by_hand():
+    mu = torch.tensor([[1.0, 0.0]])
+    logvar = torch.tensor([[0.0, math.log(2.0)]])
+    # -1/2 [(1 + 0 - 1 - 1) + (1 + ln 2 - 0 - 2)] = 1 - ln(2) / 2
+    assert bicyclegan.kl_loss(mu, logvar).item() == pytest.approx(1 - math.log(2) / 2)
+    # summed over the batch, not averaged
+    assert bicyclegan.kl_loss(mu.repeat(3, 1), logvar.repeat(3, 1)).item() == pytest.approx(3 * (1 - math.log(2) / 2))
+    assert bicyclegan.kl_loss(torch.zeros(4, 8), torch.zeros(4, 8)).item() == 0.0  # E(B) = N(0, I)
+
+
+def test_l1_terms_by_hand():
+    fake, real = torch.tensor([0.5, -1.0, 0.0, 1.0]), torch.tensor([1.0, -1.0, 1.0, 0.0])
+    assert bicyclegan.image_l1(fake, real).item() == pytest.approx((0.5 + 0 + 1 + 1) / 4)
+    mu, z = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.3, 0.2]])
+    assert bicyclegan.latent_l1(mu, z).item() == pytest.approx((0.2 + 0.4) / 2)
+
+
+def test_reparameterize_uses_sigma():
+    torch.manual_seed(0)
+    z = bicyclegan.reparameterize(torch.full((20000, 1), 2.0), torch.full((20000, 1), math.log(9.0)))
+    assert z.mean().item() == pytest.approx(2.0, abs=0.1) and z.std().item() == pytest.approx(3.0, abs=0.1)
+
+
+# --- gradient routing -------------------------------------------------------------------------
+def grads_after_one_step(lambda_latent):
+    args = bicyclegan.parse_args(["--quick", "--lambda-latent", str(lambda_latent), "--lr", "0"])
+    torch.manual_seed(0)
+    nets = bicyclegan.build_networks(args, torch.device("cpu"))
+    optims = [common.adam(net, 0.0) for net in nets]
+    real_A, real_B = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    torch.manual_seed(1)
+    bicyclegan.train_step(nets, optims, real_A, real_B, args)
+    netG, netE = nets[0], nets[1]
+    return ([p.grad.clone() for p in netG.parameters()], [p.grad.clone() for p in netE.parameters()],
+            all(p.requires_grad for net in nets for p in net.parameters()))
+
+
+def test_latent_term_reaches_G_but_not_E():
+    g0, e0, _ = grads_after_one_step(0.0)
+    g1, e1, trainable = grads_after_one_step(5.0)
+    assert all(torch.equal(a, b) for a, b in zip(e0, e1))  # E's gradient is blind to the latent term
+    assert any(not torch.allclose(a, b) for a, b in zip(g0, g1))  # G's is not
+    assert trainable  # every net is unfrozen again after the step
+
+
+# --- the script as a user runs it -------------------------------------------------------------
+def test_quick_train_then_test_layout(tmp_path):
+    result = run_script("bicyclegan.py", "--quick", cwd=tmp_path)
+    out = tmp_path / "runs" / "bicyclegan_quick"
+    assert "images/s" in result.stdout
+    assert {"latest.pt", "losses.csv", "options.json"} <= {p.name for p in out.iterdir()}
+    run_script("bicyclegan.py", "--quick", "--test", cwd=tmp_path)
+    test = out / "test"
+    folders = sorted(p for p in test.iterdir() if p.is_dir())
+    assert len(folders) == 4  # --quick tests 4 inputs
+    names = {p.name for p in folders[0].iterdir()}
+    assert names == {"input.png", "ground_truth.png", "encoded.png", "sample_00.png", "sample_01.png", "sample_02.png"}
+    assert (test / "grid.png").exists()
+    metrics = json.loads((test / "metrics.json").read_text())
+    assert metrics["inputs"] == 4 and metrics["samples_per_input"] == 3 and "toy" in metrics
+
+
+def test_sync_shares_z_across_inputs(tmp_path, toy_paired):
+    run_script("bicyclegan.py", "--quick", "--dataset", toy_paired, "--max-iters", "2", "--out", "r", cwd=tmp_path)
+    run_script("bicyclegan.py", "--quick", "--dataset", toy_paired, "--test", "--sync", "--out", "r", cwd=tmp_path)
+    assert json.loads((tmp_path / "r" / "test" / "metrics.json").read_text())["sync"] is True
+
+
+def read_losses(path):
+    with open(path) as f:
+        return [row for row in csv.DictReader(f)]
+
+
+def test_resume_continues_exactly(tmp_path, toy_paired):
+    """4 iterations == 2 + resume + 2, across an epoch boundary (3 batches per epoch)."""
+    data = tmp_path / "small"
+    (data / "train").mkdir(parents=True)
+    for p in sorted((toy_paired / "train").iterdir())[:6]:
+        shutil.copy(p, data / "train")
+    shutil.copytree(toy_paired / "test", data / "test")
+    flags = ["--quick", "--dataset", data, "--epochs", "2", "--epochs-decay", "2", "--log-every", "1"]
+    run_script("bicyclegan.py", *flags, "--max-iters", "4", "--out", "full", cwd=tmp_path)
+    run_script("bicyclegan.py", *flags, "--max-iters", "2", "--out", "split", cwd=tmp_path)
+    result = run_script("bicyclegan.py", *flags, "--max-iters", "4", "--out", "split", "--resume", cwd=tmp_path)
+    assert "resumed from step 2" in result.stdout
+    full, split = read_losses(tmp_path / "full" / "losses.csv"), read_losses(tmp_path / "split" / "losses.csv")
+    assert len(full) == 4 and split == full
+
+
+@needs_facades
+def test_runs_on_real_facades(tmp_path):
+    result = run_script("bicyclegan.py", "--dataset", FACADES, "--load-size", "72", "--crop-size", "64",
+                        "--ngf", "8", "--nef", "8", "--ndf", "8", "--max-iters", "3", "--num-workers", "0",
+                        "--out", "f", cwd=tmp_path)
+    options = json.loads((tmp_path / "f" / "options.json").read_text())
+    assert options["direction"] == "BtoA" and options["epochs"] == 200  # the facades defaults
+    assert "images/s" in result.stdout
+
+
+# --- errors a user can cause: one sentence, non-zero exit, no traceback ------------------------
+def bad_run(tmp_path, *args):
+    result = run_script("bicyclegan.py", *args, cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_user_errors(tmp_path, toy_paired):
+    assert "does not exist" in bad_run(tmp_path, "--dataset", "no/such/folder")
+    assert "unknown dataset 'nosuch'" in bad_run(tmp_path, "--dataset", "nosuch")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert "no images found" in bad_run(tmp_path, "--dataset", tmp_path / "empty")
+    assert "odd" in bad_run(tmp_path, "--quick", "--batch-size", "3")
+    assert "does not fit" in bad_run(tmp_path, "--quick", "--dataset", toy_paired, "--load-size", "100",
+                                     "--crop-size", "100")
+    assert "no checkpoint" in bad_run(tmp_path, "--quick", "--test", "--out", "never_trained")
+    assert "larger than --load-size" in bad_run(tmp_path, "--quick", "--crop-size", "128")
+
+
+def test_truncated_image_is_skipped(tmp_path, toy_paired):
+    data = tmp_path / "broken"
+    (data / "train").mkdir(parents=True)
+    for p in sorted((toy_paired / "train").iterdir())[:4]:
+        shutil.copy(p, data / "train")
+    victim = sorted((data / "train").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    result = run_script("bicyclegan.py", "--quick", "--dataset", data, "--max-iters", "2",
+                        "--batch-size", "4", "--out", "b", cwd=tmp_path)  # every batch holds the broken file
+    assert "skipping unreadable image" in result.stderr and victim.name in result.stderr
