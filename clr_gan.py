@@ -1,0 +1,272 @@
+r"""cLR-GAN -- a baseline of "Toward Multimodal Image-to-Image Translation", Zhu, Zhang, Pathak,
+Darrell, Efros, Wang, Shechtman (NeurIPS 2017), arXiv:1711.11586v4, §3.3 and Fig. 2(d).
+
+What it adds to pix2pix+noise: an encoder E that must read z back from the output. z is drawn
+from the prior, G(A, z) only has to look real to D (there is no image L1 on B: an output drawn
+with a random z need not match the ground truth), and E regresses z from G(A, z) (z -> B -> z, a
+conditional "latent regressor", related to InfoGAN). G cannot ignore z, since E must recover it.
+The latent space is the prior by construction, but G never sees an input-output pair: the paper
+reports mode collapse (about 15 % of outputs the same whatever the input). cvae_gan.py goes the
+other way round (B -> z -> B); bicyclegan.py joins both cycles.
+
+Full objective, Eq. (8):
+    G^*, E^* = \arg\min_{G,E} \max_{D} \mathcal{L}_{GAN}(G, D) + \lambda_{latent} \mathcal{L}^{latent}_{1}(G, E)
+with Eq. (1), z ~ N(0, I),
+    \mathcal{L}_{GAN}(G, D) = \mathbb{E}_{A,B}[\log D(A, B)] + \mathbb{E}_{A,z}[\log(1 - D(A, G(A, z)))]
+and Eq. (7)
+    \mathcal{L}^{latent}_{1}(G, E) = \mathbb{E}_{A,z} \| z - E(G(A, z)) \|_1
+
+Symbols (paper -> code):
+    A, B                 real_A, real_B (input, target; B is seen by D only)
+    z ~ N(0, I)          z_random
+    G(A, z)              fake_B_random
+    E(G(A, z))           mu_random (E's mean: the paper uses a point estimate here)
+    D                    netD (two scales)
+    lambda_latent        --lambda-latent 0.5 (paper §4)
+
+Update order, per batch: the whole batch goes through the random branch; one backward of
+GAN + latent L1 through G and E; one step each of E and G; then D on the detached fake.
+
+Deviations:
+- From the paper and the official code: E IS trained by the latent term here. In bicyclegan.py
+  (paper §4, official code) E is frozen for that term and learns from the cVAE cycle alone; in
+  cLR-GAN there is no other term, so a frozen E would stay at its random init. The official
+  code cannot run this variant at all (with the cVAE branch's GAN weight at 0 it refers to a D
+  it never built, and its E would never learn). Training both on Eq. (7) is the standard
+  latent regressor.
+- Test: encoded.png uses z = mu of E(B), though E has only ever seen fakes in training.
+- From the paper: batch 2 (the paper uses batch 1), so that each step sees as many images as a
+  step of bicyclegan.py; here both images go through the one branch (bicyclegan.py gives it half).
+  Each fake is scored by D against the real B of the same batch (bicyclegan.py: the other half's).
+- From the official code: E has an adaptive average pool so that it takes any image size; its
+  logvar head is built but unused (no KL term), so checkpoints share bicyclegan.py's layout.
+
+Usage:
+    python clr_gan.py                                     # built-in toy data, CPU in minutes
+    python clr_gan.py --dataset maps                      # downloads maps, 200 + 200 epochs
+    python clr_gan.py --dataset maps --test --n-samples 10 [--sync]
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+import common
+
+# ---------------------------------------------------------------------------------------------
+# 2. Options (defaults: paper §4 and the official training scripts; per-dataset ones in common)
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="cLR-GAN (arXiv:1711.11586 baseline): paired translation")
+    p.add_argument("--dataset", default="toy", help="toy (built-in), a known name (facades, maps, "
+                   "edges2shoes, edges2handbags, night2day) or a folder with train/ and test/ or val/")
+    p.add_argument("--direction", choices=["AtoB", "BtoA"], help="default: the dataset's (BtoA for facades, maps)")
+    p.add_argument("--load-size", type=int, help="resize to this square size, then crop (default: per dataset)")
+    p.add_argument("--crop-size", type=int, help="training crop size = network input size (default: per dataset)")
+    p.add_argument("--input-nc", type=int, help="input channels (1 for edges2*, default: per dataset)")
+    p.add_argument("--output-nc", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=2, help="all of it random (2: as many images a step as bicyclegan.py)")
+    p.add_argument("--epochs", type=int, help="epochs at the initial learning rate (default: per dataset)")
+    p.add_argument("--epochs-decay", type=int, help="epochs of linear decay to zero (default: per dataset)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (paper §4)")
+    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (official code)")
+    p.add_argument("--nz", type=int, default=8, help="|z| (paper §4)")
+    p.add_argument("--ngf", type=int, help="G width (default 64; 32 on the toy data)")
+    p.add_argument("--nef", type=int, help="E width (default 64; 32 on the toy data)")
+    p.add_argument("--ndf", type=int, help="D width (default 64; 32 on the toy data)")
+    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"])
+    p.add_argument("--encoder", default="resnet", choices=["resnet", "cnn"], help="E_ResNet (paper) or E_CNN")
+    p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
+    p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
+    p.add_argument("--gan-mode", default="lsgan", choices=["lsgan", "vanilla"], help="paper §4: LSGAN")
+    p.add_argument("--lambda-latent", type=float, default=0.5, help="lambda_latent of Eq. (8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--out", help="run folder (default runs/clr_gan_<dataset>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt (or --checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint file for --resume and --test (default <out>/latest.pt)")
+    p.add_argument("--max-iters", type=int, help="stop after this many iterations and print images/s")
+    p.add_argument("--log-every", type=int, default=50, help="iterations between loss logs")
+    p.add_argument("--quick", action="store_true", help="smoke run: toy data, narrow nets, 20 iterations")
+    p.add_argument("--test", action="store_true", help="write samples for the test split instead of training")
+    p.add_argument("--n-samples", type=int, default=10, help="random samples per test input")
+    p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
+    p.add_argument("--sync", action="store_true", help="use the same z for every test input")
+    args = common.parse_with_quick(p, argv, ngf=16, nef=16, ndf=16, num_workers=0)
+    common.resolve_options(args)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Networks: G, E and D are the shared blocks; one D
+# ---------------------------------------------------------------------------------------------
+def build_networks(args, device):
+    netG = common.UNetGenerator(args.input_nc, args.output_nc, args.nz, args.crop_size, args.ngf, args.norm,
+                                use_dropout=not args.no_dropout, where_add=args.where_add)
+    netE = common.make_encoder(args.encoder, args.output_nc, args.nz, args.nef, args.norm)
+    netD = common.PatchDiscriminator(args.output_nc, args.ndf, norm=args.norm, num_scales=2)
+    # Official BicycleGAN init: xavier_normal with gain 0.02 for every network.
+    return [common.init_weights(net, "xavier", 0.02).to(device) for net in (netG, netE, netD)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Loss terms
+# ---------------------------------------------------------------------------------------------
+def latent_l1(mu_random, z_random):
+    # Eq. (7): L1_latent = E || z - E(G(A, z)) ||_1   (E's mean as a point estimate)
+    return (mu_random - z_random).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Training step: forward the random cycle, G/E update, then D
+# ---------------------------------------------------------------------------------------------
+def train_step(nets, optims, real_A, real_B, args):
+    netG, netE, netD = nets
+    opt_G, opt_E, opt_D = optims
+
+    # cLR-GAN cycle, z -> B -> z (the whole batch)
+    z_random = torch.randn(real_A.size(0), args.nz, device=real_A.device)
+    fake_B_random = netG(real_A, z_random)
+
+    # G and E update. D is frozen so that G's GAN term does not fill its gradients.
+    common.set_requires_grad(netD, False)
+    opt_G.zero_grad(set_to_none=True)
+    opt_E.zero_grad(set_to_none=True)
+    # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (LSGAN form, G's side)
+    loss_G_GAN = common.gan_loss(netD(fake_B_random), True, args.gan_mode)
+    # Eq. (7), G and E: E is NOT frozen here (unlike bicyclegan.py): it has no other term to learn from
+    mu_random, _ = netE(fake_B_random)
+    loss_z_L1 = args.lambda_latent * latent_l1(mu_random, z_random)
+    # Eq. (8): G*, E* = arg min_{G,E} max_D L_GAN + lambda_latent L1_latent
+    (loss_G_GAN + loss_z_L1).backward()
+    opt_E.step()
+    opt_G.step()
+
+    # D update (Eq. (1)): real + fake, on the detached fake, no 1/2 (official)
+    common.set_requires_grad(netD, True)
+    opt_D.zero_grad(set_to_none=True)
+    loss_D = (common.gan_loss(netD(real_B), True, args.gan_mode)
+              + common.gan_loss(netD(fake_B_random.detach()), False, args.gan_mode))
+    loss_D.backward()
+    opt_D.step()
+    return {"G_GAN": loss_G_GAN, "z_L1": loss_z_L1, "D": loss_D}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Sampling and test
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def translate(netG, netE, real_A, real_B, z_random):
+    """One input (1, C, H, W) -> its encoded output (z = mu of E(B)) and one output per row of z."""
+    mu, _ = netE(real_B)
+    encoded = netG(real_A, mu)[0]
+    samples = netG(real_A.expand(len(z_random), -1, -1, -1), z_random)
+    return encoded, list(samples)
+
+
+def sample_grid(netG, netE, items, z_random, path, device):
+    """Training preview: per input, input | ground truth | encoded | samples (fixed z)."""
+    netG.eval(), netE.eval()
+    rows = []
+    for item in items:
+        real_A, real_B = item["A"][None].to(device), item["B"][None].to(device)
+        encoded, samples = translate(netG, netE, real_A, real_B, z_random)
+        rows.append([item["A"], item["B"], encoded] + samples)
+    common.save_grid(rows, path)
+    netG.train(), netE.train()
+
+
+def test(args, device):
+    out = common.default_out(args, __file__)
+    ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
+    common.restore_arch_options(args, ckpt["args"])
+    netG, netE, _ = build_networks(args, device)
+    netG.load_state_dict(ckpt["netG"]), netE.load_state_dict(ckpt["netE"])
+    netG.eval(), netE.eval()
+    dataset = common.paired_dataset(args, train=False)
+    generator = torch.Generator().manual_seed(args.seed)
+    z_sync = torch.randn(args.n_samples, args.nz, generator=generator)
+    results = []
+    for i in range(min(len(dataset), args.num_test)):
+        item = dataset[i]
+        z_random = z_sync if args.sync else torch.randn(args.n_samples, args.nz, generator=generator)
+        encoded, samples = translate(netG, netE, item["A"][None].to(device), item["B"][None].to(device),
+                                     z_random.to(device))
+        results.append(dict(item, encoded=encoded, samples=samples))
+    common.write_test_results(out / "test", results, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Main: a plain loop over epochs and batches
+# ---------------------------------------------------------------------------------------------
+def main(args):
+    device = common.pick_device(args.device)
+    if args.test:
+        return test(args, device)
+    out = common.default_out(args, __file__)
+    dataset = common.paired_dataset(args, train=True)
+    common.check_trainable(dataset, args.batch_size)
+    common.seed_everything(args.seed)
+    nets = build_networks(args, device)
+    optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
+    schedulers = [common.linear_decay(opt, args.epochs, args.epochs_decay) for opt in optims]
+    names = ["netG", "netE", "netD"]
+    epoch, step, skip = 0, 0, 0
+    if args.resume:
+        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
+        for obj, key in zip(nets + optims + schedulers, names + [f"opt_{n}" for n in names] + [f"sched_{n}" for n in names]):
+            obj.load_state_dict(ckpt[key])
+        epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch"]
+        common.set_rng_state(ckpt["rng"])
+        print(f"resumed from step {step} (epoch {epoch}, batch {skip})")
+    common.save_options(args, out)
+    log = common.LossLog(out / "losses.csv", resume=args.resume)
+    preview = [dataset[i] for i in range(min(4, len(dataset)))]
+    z_preview = torch.randn(4, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    def save(epoch, batch):
+        state = {k: o.state_dict() for k, o in zip(names, nets)}
+        state.update({f"opt_{k}": o.state_dict() for k, o in zip(names, optims)})
+        state.update({f"sched_{k}": s.state_dict() for k, s in zip(names, schedulers)})
+        state.update(epoch=epoch, batch=batch, step=step, rng=common.rng_state(), args=vars(args))
+        common.save_checkpoint(out / "latest.pt", state)
+
+    total_epochs = args.epochs + args.epochs_decay
+    per_epoch = len(dataset) // args.batch_size
+    total = min(args.max_iters or 10 ** 12, total_epochs * per_epoch)
+    bar, speed = common.progress(total, step), common.Throughput(device)
+    done = step >= total
+    while not done and epoch < total_epochs:
+        loader = common.epoch_loader(dataset, args.batch_size, epoch, args.seed, skip, args.num_workers)
+        batch_index = skip - 1
+        for batch_index, batch in enumerate(loader, start=skip):
+            real_A = batch["A"].to(device, non_blocking=True)
+            real_B = batch["B"].to(device, non_blocking=True)
+            losses = train_step(nets, optims, real_A, real_B, args)
+            step += 1
+            speed.step(args.batch_size)
+            bar.update(1)
+            if step % args.log_every == 0 or step == total:
+                values = {k: v.item() for k, v in losses.items()}  # the only host sync of the loop
+                bar.set_postfix(values | {"img/s": round(speed.rate(), 1)})
+                log.write({"step": step, "epoch": epoch, "lr": optims[0].param_groups[0]["lr"]} | values)
+            if step >= total:
+                done = True
+                break
+        skip = 0
+        if done and batch_index + 1 < per_epoch:  # stopped inside an epoch
+            save(epoch, batch_index + 1)
+            break
+        for scheduler in schedulers:
+            scheduler.step()
+        epoch += 1
+        sample_grid(nets[0], nets[1], preview, z_preview, out / f"samples_epoch_{epoch:03d}.png", device)
+        save(epoch, 0)
+    bar.close()
+    speed.report()
+    print(f"checkpoint: {out / 'latest.pt'}; test with: python {Path(__file__).name} --test --out {out}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,271 @@
+r"""pix2pix+noise -- the first baseline of "Toward Multimodal Image-to-Image Translation", Zhu, Zhang,
+Pathak, Darrell, Efros, Wang, Shechtman (NeurIPS 2017), arXiv:1711.11586v4, §3.1 and Fig. 2(b).
+
+What it adds: this is where the family starts. pix2pix (Isola et al., arXiv:1611.07004) learns
+G(A) with a GAN loss and an image L1 loss; here G also takes a random code z ~ N(0, I), tiled and
+concatenated as in Fig. 2(b). Nothing in the objective makes G use z: the L1 loss pulls every
+output towards the one ground truth, so G learns to ignore z and its samples hardly differ (the
+paper's Fig. 6: LPIPS diversity 0.013 on maps, against 0.110 for BicycleGAN). cvae_gan.py adds
+an encoder that makes z carry information about B.
+
+Full objective, Eq. (3):
+    G^* = \arg\min_{G} \max_{D} \mathcal{L}_{GAN}(G, D) + \lambda \mathcal{L}^{image}_{1}(G)
+with Eq. (1)
+    \mathcal{L}_{GAN}(G, D) = \mathbb{E}_{A,B}[\log D(A, B)] + \mathbb{E}_{A,z}[\log(1 - D(A, G(A, z)))]
+and Eq. (2)
+    \mathcal{L}^{image}_{1}(G) = \mathbb{E}_{A,B,z} \| B - G(A, z) \|_1
+
+Symbols (paper -> code):
+    A, B                 real_A, real_B (input, target; BtoA swaps the halves of the files)
+    z ~ N(0, I)          z_random
+    G(A, z)              fake_B_random
+    D                    netD (two scales; sees B only, or A||B with --pix2pix-original)
+    lambda               --lambda-l1 10 (paper §4; 100 with --pix2pix-original, pix2pix paper)
+
+Update order, per batch: the whole batch goes through G with one z per image; one backward of
+GAN + L1 through G and one step of G; then D on the detached fake.
+
+Deviations:
+- From the paper: LSGAN and a D that does not see A, as the paper's §4 does for all its methods
+  (Eq. (1) is written with D(A, B)); batch 2 (the paper uses batch 1), so that each step sees
+  as many images as a step of bicyclegan.py; here both images go through the one branch.
+- From the official pix2pix code, which has no z at all: z is injected as in bicyclegan.py
+  (same U-Net, same two-scale D, same init) so that the scripts differ only in their objective.
+  --pix2pix-original restores four of the original choices: D conditioned on A||B, vanilla GAN
+  loss, lambda = 100 and D's loss halved. It keeps the rest (two-scale D, instance norm, xavier
+  init, z input, no dropout at test time); --norm batch --batch-size 1 come closer still.
+
+Usage:
+    python pix2pix_noise.py                               # built-in toy data, CPU in minutes
+    python pix2pix_noise.py --dataset maps                # downloads maps, 200 + 200 epochs
+    python pix2pix_noise.py --dataset maps --test --n-samples 10 [--sync]
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+import common
+
+# ---------------------------------------------------------------------------------------------
+# 2. Options (defaults: paper §4 and the official training scripts; per-dataset ones in common)
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="pix2pix+noise (arXiv:1711.11586 baseline): paired translation with z")
+    p.add_argument("--dataset", default="toy", help="toy (built-in), a known name (facades, maps, "
+                   "edges2shoes, edges2handbags, night2day) or a folder with train/ and test/ or val/")
+    p.add_argument("--direction", choices=["AtoB", "BtoA"], help="default: the dataset's (BtoA for facades, maps)")
+    p.add_argument("--load-size", type=int, help="resize to this square size, then crop (default: per dataset)")
+    p.add_argument("--crop-size", type=int, help="training crop size = network input size (default: per dataset)")
+    p.add_argument("--input-nc", type=int, help="input channels (1 for edges2*, default: per dataset)")
+    p.add_argument("--output-nc", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=2, help="all of it through G (2: as many images a step as bicyclegan.py)")
+    p.add_argument("--epochs", type=int, help="epochs at the initial learning rate (default: per dataset)")
+    p.add_argument("--epochs-decay", type=int, help="epochs of linear decay to zero (default: per dataset)")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (paper §4)")
+    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (official code)")
+    p.add_argument("--nz", type=int, default=8, help="|z| (paper §4)")
+    p.add_argument("--ngf", type=int, help="G width (default 64; 32 on the toy data)")
+    p.add_argument("--ndf", type=int, help="D width (default 64; 32 on the toy data)")
+    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"])
+    p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
+    p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
+    p.add_argument("--gan-mode", choices=["lsgan", "vanilla"], help="paper §4: LSGAN (vanilla with --pix2pix-original)")
+    p.add_argument("--lambda-l1", type=float, help="lambda of Eq. (3), image L1 (default 10; 100 with --pix2pix-original)")
+    p.add_argument("--pix2pix-original", action="store_true", help="D on A||B, vanilla GAN, lambda 100, D loss x 1/2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--out", help="run folder (default runs/pix2pix_noise_<dataset>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt (or --checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint file for --resume and --test (default <out>/latest.pt)")
+    p.add_argument("--max-iters", type=int, help="stop after this many iterations and print images/s")
+    p.add_argument("--log-every", type=int, default=50, help="iterations between loss logs")
+    p.add_argument("--quick", action="store_true", help="smoke run: toy data, narrow nets, 20 iterations")
+    p.add_argument("--test", action="store_true", help="write samples for the test split instead of training")
+    p.add_argument("--n-samples", type=int, default=10, help="random samples per test input")
+    p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
+    p.add_argument("--sync", action="store_true", help="use the same z for every test input")
+    args = common.parse_with_quick(p, argv, ngf=16, ndf=16, num_workers=0)
+    common.resolve_options(args)
+    # pix2pix paper §3 and official code: vanilla GAN, lambda = 100; BicycleGAN paper §4: LSGAN, 10
+    if args.gan_mode is None:
+        args.gan_mode = "vanilla" if args.pix2pix_original else "lsgan"
+    if args.lambda_l1 is None:
+        args.lambda_l1 = 100.0 if args.pix2pix_original else 10.0
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Networks: G and D are the shared blocks; no encoder, one D
+# ---------------------------------------------------------------------------------------------
+def build_networks(args, device):
+    netG = common.UNetGenerator(args.input_nc, args.output_nc, args.nz, args.crop_size, args.ngf, args.norm,
+                                use_dropout=not args.no_dropout, where_add=args.where_add)
+    d_input_nc = args.input_nc + args.output_nc if args.pix2pix_original else args.output_nc
+    netD = common.PatchDiscriminator(d_input_nc, args.ndf, norm=args.norm, num_scales=2)
+    # Official BicycleGAN init: xavier_normal with gain 0.02 for every network.
+    return [common.init_weights(net, "xavier", 0.02).to(device) for net in (netG, netD)]
+
+
+def d_input(real_A, B, args):
+    """What D sees: B alone (paper §4, all methods) or A||B (Eq. (1) as written; pix2pix)."""
+    return torch.cat([real_A, B], 1) if args.pix2pix_original else B
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Loss terms
+# ---------------------------------------------------------------------------------------------
+def image_l1(fake_B, real_B):
+    # Eq. (2): L1_image = E || B - G(A, z) ||_1   (mean over pixels)
+    return (real_B - fake_B).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Training step: forward, G update, then D
+# ---------------------------------------------------------------------------------------------
+def train_step(nets, optims, real_A, real_B, args):
+    netG, netD = nets
+    opt_G, opt_D = optims
+
+    # G(A, z) with z from the prior, one z per image of the batch
+    z_random = torch.randn(real_A.size(0), args.nz, device=real_A.device)
+    fake_B_random = netG(real_A, z_random)
+
+    # G update. D is frozen so that G's GAN term does not fill its gradients.
+    common.set_requires_grad(netD, False)
+    opt_G.zero_grad(set_to_none=True)
+    # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (LSGAN form by default, G's side)
+    loss_G_GAN = common.gan_loss(netD(d_input(real_A, fake_B_random, args)), True, args.gan_mode)
+    loss_G_L1 = args.lambda_l1 * image_l1(fake_B_random, real_B)
+    # Eq. (3): G* = arg min_G max_D L_GAN + lambda L1_image
+    (loss_G_GAN + loss_G_L1).backward()
+    opt_G.step()
+
+    # D update (Eq. (1)): real + fake, on the detached fake, no 1/2 (official BicycleGAN);
+    # the original pix2pix halves it so that D learns at half G's rate
+    common.set_requires_grad(netD, True)
+    opt_D.zero_grad(set_to_none=True)
+    loss_D = (common.gan_loss(netD(d_input(real_A, real_B, args)), True, args.gan_mode)
+              + common.gan_loss(netD(d_input(real_A, fake_B_random.detach(), args)), False, args.gan_mode))
+    if args.pix2pix_original:
+        loss_D = 0.5 * loss_D
+    loss_D.backward()
+    opt_D.step()
+    return {"G_GAN": loss_G_GAN, "G_L1": loss_G_L1, "D": loss_D}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Sampling and test
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def translate(netG, real_A, z_random):
+    """One input (1, C, H, W) -> one output per row of z (no encoder, so no encoded output)."""
+    samples = netG(real_A.expand(len(z_random), -1, -1, -1), z_random)
+    return list(samples)
+
+
+def sample_grid(netG, items, z_random, path, device):
+    """Training preview: per input, input | ground truth | samples (fixed z)."""
+    netG.eval()
+    rows = []
+    for item in items:
+        real_A = item["A"][None].to(device)
+        samples = translate(netG, real_A, z_random)
+        rows.append([item["A"], item["B"]] + samples)
+    common.save_grid(rows, path)
+    netG.train()
+
+
+def test(args, device):
+    out = common.default_out(args, __file__)
+    ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
+    common.restore_arch_options(args, ckpt["args"])
+    netG, _ = build_networks(args, device)
+    netG.load_state_dict(ckpt["netG"])
+    netG.eval()
+    dataset = common.paired_dataset(args, train=False)
+    generator = torch.Generator().manual_seed(args.seed)
+    z_sync = torch.randn(args.n_samples, args.nz, generator=generator)
+    results = []
+    for i in range(min(len(dataset), args.num_test)):
+        item = dataset[i]
+        z_random = z_sync if args.sync else torch.randn(args.n_samples, args.nz, generator=generator)
+        samples = translate(netG, item["A"][None].to(device), z_random.to(device))
+        results.append(dict(item, samples=samples))
+    common.write_test_results(out / "test", results, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Main: a plain loop over epochs and batches
+# ---------------------------------------------------------------------------------------------
+def main(args):
+    device = common.pick_device(args.device)
+    if args.test:
+        return test(args, device)
+    out = common.default_out(args, __file__)
+    dataset = common.paired_dataset(args, train=True)
+    common.check_trainable(dataset, args.batch_size)
+    common.seed_everything(args.seed)
+    nets = build_networks(args, device)
+    optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
+    schedulers = [common.linear_decay(opt, args.epochs, args.epochs_decay) for opt in optims]
+    names = ["netG", "netD"]
+    epoch, step, skip = 0, 0, 0
+    if args.resume:
+        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
+        for obj, key in zip(nets + optims + schedulers, names + [f"opt_{n}" for n in names] + [f"sched_{n}" for n in names]):
+            obj.load_state_dict(ckpt[key])
+        epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch"]
+        common.set_rng_state(ckpt["rng"])
+        print(f"resumed from step {step} (epoch {epoch}, batch {skip})")
+    common.save_options(args, out)
+    log = common.LossLog(out / "losses.csv", resume=args.resume)
+    preview = [dataset[i] for i in range(min(4, len(dataset)))]
+    z_preview = torch.randn(4, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    def save(epoch, batch):
+        state = {k: o.state_dict() for k, o in zip(names, nets)}
+        state.update({f"opt_{k}": o.state_dict() for k, o in zip(names, optims)})
+        state.update({f"sched_{k}": s.state_dict() for k, s in zip(names, schedulers)})
+        state.update(epoch=epoch, batch=batch, step=step, rng=common.rng_state(), args=vars(args))
+        common.save_checkpoint(out / "latest.pt", state)
+
+    total_epochs = args.epochs + args.epochs_decay
+    per_epoch = len(dataset) // args.batch_size
+    total = min(args.max_iters or 10 ** 12, total_epochs * per_epoch)
+    bar, speed = common.progress(total, step), common.Throughput(device)
+    done = step >= total
+    while not done and epoch < total_epochs:
+        loader = common.epoch_loader(dataset, args.batch_size, epoch, args.seed, skip, args.num_workers)
+        batch_index = skip - 1
+        for batch_index, batch in enumerate(loader, start=skip):
+            real_A = batch["A"].to(device, non_blocking=True)
+            real_B = batch["B"].to(device, non_blocking=True)
+            losses = train_step(nets, optims, real_A, real_B, args)
+            step += 1
+            speed.step(args.batch_size)
+            bar.update(1)
+            if step % args.log_every == 0 or step == total:
+                values = {k: v.item() for k, v in losses.items()}  # the only host sync of the loop
+                bar.set_postfix(values | {"img/s": round(speed.rate(), 1)})
+                log.write({"step": step, "epoch": epoch, "lr": optims[0].param_groups[0]["lr"]} | values)
+            if step >= total:
+                done = True
+                break
+        skip = 0
+        if done and batch_index + 1 < per_epoch:  # stopped inside an epoch
+            save(epoch, batch_index + 1)
+            break
+        for scheduler in schedulers:
+            scheduler.step()
+        epoch += 1
+        sample_grid(nets[0], preview, z_preview, out / f"samples_epoch_{epoch:03d}.png", device)
+        save(epoch, 0)
+    bar.close()
+    speed.report()
+    print(f"checkpoint: {out / 'latest.pt'}; test with: python {Path(__file__).name} --test --out {out}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
