@@ -9,17 +9,18 @@ network blocks | GAN loss, init, schedule | checkpoints, logging, sample grids |
 import csv
 import functools
 import gzip
-import itertools
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import sys
 import tarfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -970,13 +971,52 @@ def is_toy(dataset):
     return dataset == "toy" or (stamp.exists() and stamp.read_text().startswith("toy"))
 
 
+def sample_pairs(n):
+    """The pairs of samples compared for diversity: consecutive ones, (0, 1), (1, 2), ... -- with
+    20 samples for each of 100 inputs this is the BicycleGAN paper's 1900 pairs (Fig. 6)."""
+    return [(i, i + 1) for i in range(n - 1)]
+
+
 def pixel_diversity(samples):
-    """Mean L1 distance (images in [0, 1]) over all pairs of samples of one input."""
-    pairs = list(itertools.combinations(range(len(samples)), 2))
+    """Mean L1 distance (images in [0, 1]) between pairs of samples of one input."""
+    pairs = sample_pairs(len(samples))
     if not pairs:
         return 0.0
     x = torch.stack([to_image(s) for s in samples])
     return sum(float((x[i] - x[j]).abs().mean()) for i, j in pairs) / len(pairs)
+
+
+def load_lpips(version="0.1", net="alex", random_backbone=False):
+    """The LPIPS metric (optional package `lpips`) -> (model, None), or (None, why not).
+    Its linear heads ship with the package; the pretrained backbone comes from torchvision's
+    download cache or the internet. A random backbone is for tests only: its numbers mean nothing."""
+    try:
+        import lpips
+    except ImportError:
+        return None, "the optional package lpips is not installed (pip install lpips==0.1.4)"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return lpips.LPIPS(net=net, version=version, pnet_rand=random_backbone, verbose=False).eval(), None
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        return None, (f"the pretrained {net} weights LPIPS needs could not be loaded "
+                      f"({getattr(e, 'reason', e)}); no LPIPS number is reported")
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+@torch.no_grad()
+def lpips_diversity(model, samples):
+    """Mean LPIPS distance between pairs of samples of one input (images in [-1, 1])."""
+    pairs = sample_pairs(len(samples))
+    if not pairs:
+        return 0.0
+    x = torch.stack([s.detach().float().cpu() for s in samples])
+    x = x.expand(-1, 3, -1, -1) if x.size(1) == 1 else x
+    first, second = zip(*pairs)
+    return float(model(x[list(first)], x[list(second)]).mean())
 
 
 MAX_GRID_ROWS = 16
@@ -990,6 +1030,15 @@ def write_test_results(folder, results, args):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows, scores, diversity = [], [], []
+    lpips_models = {}
+    if os.environ.get("LPIPS") != "off":
+        for version in ("0.1", "0.0"):  # the paper's Fig. 6 used v0.0; v0.1 gives ~2.4x larger values
+            model, why_not = load_lpips(version)
+            if model is None:
+                print(f"note: {why_not}")
+                break
+            lpips_models[version] = model
+    lpips_values = {version: [] for version in lpips_models}
     for r in results:
         named = [("input", r["A"])]
         if r.get("B") is not None:
@@ -1001,12 +1050,19 @@ def write_test_results(folder, results, args):
         save_test_outputs(folder, r.get("name") or Path(r["path"]).stem, named)
         rows.append([img for _, img in named])
         diversity.append(pixel_diversity(r["samples"]))
+        for version, model in lpips_models.items():
+            lpips_values[version].append(lpips_diversity(model, r["samples"]))
         if is_toy(args.dataset):
             scores.append(toy_scores(r["A"], r["samples"]))
     save_grid(rows[:MAX_GRID_ROWS], folder / "grid.png")
     metrics = {"inputs": len(results), "samples_per_input": len(results[0]["samples"]) if results else 0,
                "sync": bool(getattr(args, "sync", False)),
                "pixel_diversity_l1": sum(diversity) / max(1, len(diversity))}
+    for version, values in lpips_values.items():
+        metrics[f"lpips_diversity_v{version}"] = sum(values) / max(1, len(values))
+    if lpips_models:
+        from importlib.metadata import version as package_version
+        metrics["lpips"] = f"lpips {package_version('lpips')}, alex backbone, pairs of consecutive samples"
     if scores:
         counts = [0] * len(TOY_PALETTE)
         for s in scores:

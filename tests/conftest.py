@@ -12,9 +12,12 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 
-def run_script(script, *args, cwd, check=True, timeout=600):
-    """python <script> <args> in a subprocess, CPU only, no progress bars; returns the result."""
+def run_script(script, *args, cwd, check=True, timeout=600, lpips=False):
+    """python <script> <args> in a subprocess, CPU only, no progress bars; returns the result.
+    LPIPS stays off unless asked for (it would try to fetch pretrained weights)."""
     env = dict(os.environ, NO_PROGRESS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    if not lpips:
+        env["LPIPS"] = "off"
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -64,7 +64,9 @@ def test_quick_train_then_test_layout(tmp_path):
     out = tmp_path / "runs" / "bicyclegan_quick"
     assert "images/s" in result.stdout
     assert {"latest.pt", "losses.csv", "options.json"} <= {p.name for p in out.iterdir()}
-    run_script("bicyclegan.py", "--quick", "--test", cwd=tmp_path)
+    result = run_script("bicyclegan.py", "--quick", "--test", cwd=tmp_path, lpips=True)
+    lpips_line = [line for line in result.stdout.splitlines() if "LPIPS" in line or "lpips" in line]
+    assert lpips_line  # either a number in the metrics or one line saying why there is none
     test = out / "test"
     folders = sorted(p for p in test.iterdir() if p.is_dir())
     assert len(folders) == 4  # --quick tests 4 inputs

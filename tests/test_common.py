@@ -283,3 +283,25 @@ def test_known_names_use_the_official_urls():
     assert common.dataset_defaults("facades")["direction"] == "BtoA"
     assert common.dataset_defaults("edges2shoes")["input_nc"] == 1
     assert common.dataset_defaults("maps")["epochs"] == 200
+
+
+def test_lpips_diversity_code_path():
+    pytest.importorskip("lpips")
+    model, why_not = common.load_lpips("0.1", random_backbone=True)  # random backbone: tests only
+    assert model is not None, why_not
+    torch.manual_seed(0)
+    x = torch.rand(3, 64, 64) * 2 - 1
+    assert common.lpips_diversity(model, [x, x, x]) == pytest.approx(0.0, abs=1e-6)
+    assert common.lpips_diversity(model, [x, -x, x]) > 0.0
+    assert common.sample_pairs(20) == [(i, i + 1) for i in range(19)]  # the paper's 19 pairs per input
+
+
+def test_lpips_without_weights_reports_no_number(monkeypatch):
+    lpips = pytest.importorskip("lpips")
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(lpips, "LPIPS", offline)
+    model, why_not = common.load_lpips("0.1")
+    assert model is None and "no LPIPS number" in why_not
