@@ -816,7 +816,7 @@ def load_checkpoint(path, device="cpu"):
 
 # Options that fix the shape of the networks: a resumed or tested run takes them from its checkpoint.
 ARCH_OPTIONS = ("nz", "ngf", "nef", "ndf", "input_nc", "output_nc", "crop_size", "where_add", "norm",
-                "encoder", "num_scales", "n_res", "style_dim", "n_downsample", "direction")
+                "encoder", "num_scales", "n_res", "style_dim", "n_downsample", "direction", "setting")
 
 
 def restore_arch_options(args, saved):
