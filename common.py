@@ -103,7 +103,10 @@ def dataset_url(name, layout="paired"):
 
 
 def dataset_defaults(name, layout="paired"):
-    """The official per-dataset options for a known name; general defaults for a folder."""
+    """The official per-dataset options for a known name, or for a folder named like one
+    (.../facades gets the facades options); general defaults for any other folder."""
+    if name not in PAIRED_DATASETS and name not in UNPAIRED_DATASETS:
+        name = Path(name).name
     table = UNPAIRED_DATASETS if layout == "unpaired" and name in UNPAIRED_DATASETS else PAIRED_DATASETS
     options = dict(DEFAULT_OPTIONS, **table.get(name, {}))
     options.pop("folder", None)
@@ -265,7 +268,7 @@ def make_toy_dataset(folder, layout="paired", seed=0):
     if (folder / ".complete").exists() and (folder / ".complete").read_text() == stamp:
         return folder
     rng = random.Random(seed)
-    tmp = folder.with_name(folder.name + ".writing")
+    tmp = folder.with_name(f"{folder.name}.writing-{os.getpid()}")  # one per process: no races
     shutil.rmtree(tmp, ignore_errors=True)
     for split, count in TOY_SPLITS.items():
         for i in range(count):
@@ -282,8 +285,14 @@ def make_toy_dataset(folder, layout="paired", seed=0):
                     (tmp / (split + side)).mkdir(parents=True, exist_ok=True)
                     img.save(tmp / (split + side) / f"{i:04d}.png")
     (tmp / ".complete").write_text(stamp)
+    if (folder / ".complete").exists() and (folder / ".complete").read_text() == stamp:
+        shutil.rmtree(tmp)  # another process finished the same data first
+        return folder
     shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process renamed its copy into place in the meantime
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -804,19 +813,29 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", args=None):
+    """Read a checkpoint. With args: for --test, the options that shape the networks are taken
+    from the checkpoint; for --resume, they must match it (else one sentence says which differ)."""
     path = Path(path)
     if not path.exists():
         fail(f"no checkpoint at {path}; train first, or point --checkpoint at a .pt file")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # a file that is not a checkpoint of ours
         fail(f"could not read the checkpoint {path} ({e.__class__.__name__}); is it a file this script wrote?")
+    if args is not None and args.test:
+        restore_arch_options(args, ckpt["args"])
+    elif args is not None:
+        differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ARCH_OPTIONS
+                  if k in ckpt["args"] and hasattr(args, k) and getattr(args, k) != ckpt["args"][k]]
+        if differ:
+            fail(f"{path} was trained with {', '.join(differ)}; resume with the same options")
+    return ckpt
 
 
 # Options that fix the shape of the networks: a resumed or tested run takes them from its checkpoint.
 ARCH_OPTIONS = ("nz", "ngf", "nef", "ndf", "input_nc", "output_nc", "crop_size", "where_add", "norm",
-                "encoder", "num_scales", "n_res", "style_dim", "n_downsample", "direction", "setting")
+                "encoder", "direction", "setting", "n_blocks", "mlp_dim", "style_dim", "pix2pix_original")
 
 
 def restore_arch_options(args, saved):
@@ -1022,13 +1041,17 @@ def lpips_diversity(model, samples):
 MAX_GRID_ROWS = 16
 
 
-def write_test_results(folder, results, args):
+def write_test_results(folder, results, args, toy=None):
     """The shared --test output: per input a folder <stem>/ with input.png, ground_truth.png (if
     the data has one), encoded.png (if the method has an encoder), sample_00.png ..., and any
     extra (name, image) pairs; grid.png (rows = the first 16 inputs); metrics.json (also printed).
-    results: dicts with A, samples, path (or name), and optionally B, encoded, extra."""
+    results: dicts with A, samples, path (or name), and optionally B, encoded, extra.
+    toy: score samples as toy outputs (default: on the toy data translated AtoB)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # no stale files from an earlier test run
+    folder.mkdir(parents=True)
+    if toy is None:
+        toy = is_toy(args.dataset) and getattr(args, "direction", "AtoB") == "AtoB"
     rows, scores, diversity = [], [], []
     lpips_models = {}
     if os.environ.get("LPIPS") != "off":
@@ -1052,7 +1075,7 @@ def write_test_results(folder, results, args):
         diversity.append(pixel_diversity(r["samples"]))
         for version, model in lpips_models.items():
             lpips_values[version].append(lpips_diversity(model, r["samples"]))
-        if is_toy(args.dataset):
+        if toy:
             scores.append(toy_scores(r["A"], r["samples"]))
     save_grid(rows[:MAX_GRID_ROWS], folder / "grid.png")
     metrics = {"inputs": len(results), "samples_per_input": len(results[0]["samples"]) if results else 0,

@@ -193,8 +193,7 @@ def sample_grid(netG, netE, items, z_random, path, device):
 
 def test(args, device):
     out = common.default_out(args, __file__)
-    ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
-    common.restore_arch_options(args, ckpt["args"])
+    ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
     netG, netE, _ = build_networks(args, device)
     netG.load_state_dict(ckpt["netG"]), netE.load_state_dict(ckpt["netE"])
     netG.eval(), netE.eval()
@@ -228,7 +227,7 @@ def main(args):
     names = ["netG", "netE", "netD"]
     epoch, step, skip = 0, 0, 0
     if args.resume:
-        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
+        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
         for obj, key in zip(nets + optims + schedulers, names + [f"opt_{n}" for n in names] + [f"sched_{n}" for n in names]):
             obj.load_state_dict(ckpt[key])
         epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch"]

@@ -192,9 +192,7 @@ def sample_grid(G, F, items, path, device):
 
 def test(args, device):
     out = common.default_out(args, __file__)
-    ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
-    common.restore_arch_options(args, ckpt["args"])
-    args.n_blocks = ckpt["args"]["n_blocks"]  # not among common.ARCH_OPTIONS
+    ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
     G, F, _, _ = build_networks(args, device)
     G.load_state_dict(ckpt["G"]), F.load_state_dict(ckpt["F"])
     G.eval(), F.eval()
@@ -209,8 +207,8 @@ def test(args, device):
             results.append({"A": item[side], "samples": [fake[0]], "extra": [("reconstruction", rec[0])],
                             "name": f"{side}_{Path(path).stem}"})
         # The toy metrics read outlines as inputs, so they only make sense for A -> B.
-        options = args if side == "A" else argparse.Namespace(**{**vars(args), "dataset": "BtoA"})
-        common.write_test_results(out / "test" / ("AtoB" if side == "A" else "BtoA"), results, options)
+        common.write_test_results(out / "test" / ("AtoB" if side == "A" else "BtoA"), results, args,
+                                  toy=None if side == "A" else False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +236,7 @@ def main(args):
     names = ["G", "F", "D_A", "D_B", "opt_G", "opt_D", "sched_G", "sched_D", "pool_A", "pool_B"]
     epoch, step, skip = 0, 0, 0
     if args.resume:
-        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
+        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
         for obj, key in zip(nets + optims + schedulers, names):
             obj.load_state_dict(ckpt[key])
         pools[0].load_state_dict(ckpt["pool_A"], device), pools[1].load_state_dict(ckpt["pool_B"], device)

@@ -343,9 +343,7 @@ def load_style_image(args, dataset, device):
 
 def test(args, device):
     out = common.default_out(args, __file__)
-    ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
-    common.restore_arch_options(args, ckpt["args"])
-    args.mlp_dim = ckpt["args"]["mlp_dim"]  # not among common.ARCH_OPTIONS
+    ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
     gen_a, gen_b, _, _ = build_networks(args, device)
     gen_a.load_state_dict(ckpt["gen_a"]), gen_b.load_state_dict(ckpt["gen_b"])
     gen_a.eval(), gen_b.eval()
@@ -391,7 +389,7 @@ def main(args):
     names = ["gen_a", "gen_b", "dis_a", "dis_b", "opt_gen", "opt_dis", "sched_gen", "sched_dis"]
     epoch, step, skip = 0, 0, 0
     if args.resume:
-        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device)
+        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
         for obj, key in zip(nets + optims + schedulers, names):
             obj.load_state_dict(ckpt[key])
         epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch"]

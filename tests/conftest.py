@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,7 +16,9 @@ import common  # noqa: E402
 def run_script(script, *args, cwd, check=True, timeout=600, lpips=False):
     """python <script> <args> in a subprocess, CPU only, no progress bars; returns the result.
     LPIPS stays off unless asked for (it would try to fetch pretrained weights)."""
-    env = dict(os.environ, NO_PROGRESS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    # One thread: on two shared cores, torch's default of two threads per process can be many
+    # times slower than one when other processes are busy.
+    env = dict(os.environ, NO_PROGRESS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     if not lpips:
         env["LPIPS"] = "off"
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
@@ -24,6 +27,15 @@ def run_script(script, *args, cwd, check=True, timeout=600, lpips=False):
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One thread for the in-process tests too (see run_script); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -20,16 +20,6 @@ TINY = ["--crop-size", "64", "--load-size", "64", "--ngf", "4", "--nef", "4", "-
 NARROW = ["--ngf", "8", "--nef", "8", "--ndf", "8"]  # with --quick: 64 px, toy data, CPU seconds
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One CPU thread here and in the scripts these tests run: on a busy two-core machine two
-    threads spend most of their time waiting for each other (results do not depend on it)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- stubs whose outputs are known, so each reported loss can be computed by hand --------------
 class ConstD(nn.Module):

@@ -11,15 +11,6 @@ import cyclegan
 from conftest import FACADES, needs_facades, run_script
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    # Tiny nets on a shared 2-core machine: one thread per process is much faster than two fighting.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the scripts run in subprocesses
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # and the in-process tests
-    yield
-    torch.set_num_threads(threads)
-
 
 def rows(path):
     with open(path) as f:
