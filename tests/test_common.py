@@ -46,6 +46,9 @@ def test_toy_metrics_on_constructed_samples(toy_paired):
     assert common.pixel_diversity(recoloured) > 0.05
     # a blank image shows no mode; another input's output does not fit this input's outline
     assert common.toy_mode(torch.full_like(item["B"], 235 / 127.5 - 1)) == -1
+    # noise around a palette colour is no clean toy image either
+    noisy = item["B"] + 0.6 * torch.randn_like(item["B"])
+    assert common.toy_mode(noisy) == -1 and common.toy_mode(item["B"] + 0.02 * torch.randn_like(item["B"])) >= 0
     wrong = min((dataset[i] for i in range(1, len(dataset))),
                 key=lambda other: float((common.toy_foreground(other["B"]) & shape).sum()))
     assert common.toy_scores(item["A"], [wrong["B"]])["iou"] < 0.5

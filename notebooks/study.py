@@ -1,0 +1,157 @@
+"""The realism-vs-diversity study on the toy data (the analogue of Fig. 6 of arXiv:1711.11586).
+
+Trains every method with the same budget and seeds by running its script as a user would, tests
+it, and gathers the numbers each `--test` writes to metrics.json into a table and a figure:
+
+    python notebooks/study.py                       # paired methods, default budget
+    python notebooks/study.py --setting unpaired    # CycleGAN vs MUNIT
+    python notebooks/study.py --iters 200 --seeds 0 --width 8 --methods BicycleGAN "pix2pix+noise"   # a taste
+
+On the toy data the truth is known: realism = share of samples that are clean toy images (one
+palette colour, background kept), diversity = share of an input's four colour modes its samples
+reach (and the pixel L1 between samples), faithfulness = IoU of the output shape with the input
+outline. The course notebooks import `run_study` and `plot_study` from here.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (script, extra flags): the rows of the paper's Fig. 6, plus DivCo; and the unpaired pair.
+PAIRED = {
+    "pix2pix+noise": ("pix2pix_noise.py", []),
+    "cAE-GAN": ("cvae_gan.py", ["--deterministic"]),
+    "cVAE-GAN": ("cvae_gan.py", []),
+    "cVAE-GAN++": ("bicyclegan.py", ["--lambda-latent", "0"]),
+    "cLR-GAN": ("clr_gan.py", []),
+    "BicycleGAN": ("bicyclegan.py", []),
+    "DivCo": ("divco.py", []),
+}
+UNPAIRED = {
+    "CycleGAN": ("cyclegan.py", []),
+    "MUNIT": ("munit.py", []),
+}
+
+
+def run(script, flags, log):
+    command = [sys.executable, str(ROOT / script)] + [str(f) for f in flags]
+    env = dict(os.environ, NO_PROGRESS="1", LPIPS=os.environ.get("LPIPS", "off"))
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(command) + "\n")
+        f.flush()
+        subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+ENCODER_SCRIPTS = ("cvae_gan.py", "clr_gan.py", "bicyclegan.py", "divco.py")
+
+
+def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), retrain=False):
+    """Train and test each method for each seed (width: --ngf/--nef/--ndf for every script, None
+    for the scripts' defaults); returns {method: [metrics per seed]}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = PAIRED | UNPAIRED
+    results = {}
+    for name in methods:
+        script, flags = table[name]
+        results[name] = []
+        for seed in seeds:
+            run_dir = out / f"{name.replace('+', 'p')}_seed{seed}"
+            metrics_file = run_dir / "test" / ("AtoB" if script == "cyclegan.py" else "") / "metrics.json"
+            if retrain or not metrics_file.exists():
+                start = time.time()
+                common = ["--out", run_dir, "--seed", seed, *extra]
+                if width:
+                    common += ["--ngf", width, "--ndf", width] + (["--nef", width] if script in ENCODER_SCRIPTS else [])
+                run(script, flags + common + ["--max-iters", iters, "--epochs", 10 ** 6, "--epochs-decay", 0],
+                    out / "study.log")
+                run(script, flags + common + ["--test", "--n-samples", n_samples], out / "study.log")
+                print(f"{name} seed {seed}: {time.time() - start:.0f} s", flush=True)
+            results[name].append(json.loads(metrics_file.read_text()))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def summarise(results):
+    """{method: {metric: (mean, std over seeds)}} for the numbers of the figure and the table."""
+    keys = {"coverage": ("toy", "mode_coverage"), "valid": ("toy", "valid_share"),
+            "faithful_iou": ("toy", "faithfulness_iou"), "entropy": ("toy", "mode_entropy_vs_uniform"),
+            "pixel_l1": (None, "pixel_diversity_l1")}
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = {}
+        for key, (group, field) in keys.items():
+            values = [(r[group] if group else r)[field] for r in runs if (group is None or group in r)]
+            if values:
+                mean = sum(values) / len(values)
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+                summary[name][key] = (mean, std)
+    return summary
+
+
+def markdown_table(summary):
+    lines = ["| method | realism: valid samples | diversity: modes covered per input | mode entropy / uniform "
+             "| pixel L1 between samples | faithfulness (IoU) |", "|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        cells = [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k in s else "–"
+                 for k in ("valid", "coverage", "entropy", "pixel_l1", "faithful_iou")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_study(summary, path, x="coverage", y="valid", title="Toy data: realism against diversity"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"coverage": "diversity: share of the 4 modes reached per input",
+              "pixel_l1": "diversity: pixel L1 between samples of one input",
+              "valid": "realism: share of samples that are clean toy images",
+              "faithful_iou": "faithfulness: IoU of output shape and input outline"}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, s in summary.items():
+        if x in s and y in s:
+            ax.errorbar(s[x][0], s[y][0], xerr=s[x][1], yerr=s[y][1], fmt="o", capsize=3)
+            ax.annotate(name, (s[x][0], s[y][0]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel(labels.get(x, x)), ax.set_ylabel(labels.get(y, y)), ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setting", default="paired", choices=["paired", "unpaired"])
+    p.add_argument("--methods", nargs="+", help="default: every method of the setting")
+    p.add_argument("--iters", type=int, default=4000, help="training iterations per run (the same for all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n-samples", type=int, default=10)
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--width", type=int, help="--ngf/--nef/--ndf for every script (default: the scripts' own)")
+    p.add_argument("--retrain", action="store_true", help="train again even where results exist")
+    p.add_argument("extra", nargs="*", help="flags passed to every script, after --")
+    args = p.parse_args()
+    methods = args.methods or list(PAIRED if args.setting == "paired" else UNPAIRED)
+    out = Path(args.out) / args.setting
+    start = time.time()
+    results = run_study(methods, args.iters, args.seeds, out, args.n_samples, args.width, args.extra, args.retrain)
+    summary = summarise(results)
+    table = markdown_table(summary)
+    (out / "table.md").write_text(table + "\n")
+    x, y = ("coverage", "valid") if args.setting == "paired" else ("coverage", "faithful_iou")
+    plot_study(summary, out / "realism_vs_diversity.png", x, y,
+               title=f"Toy data, {args.iters} iterations, seeds {args.seeds}")
+    print(table)
+    print(f"figure: {out / 'realism_vs_diversity.png'}; {time.time() - start:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
