@@ -690,6 +690,7 @@ class ImagePool:
         if self.size == 0:
             return images
         chosen = []
+        self.images = [x.to(images.device) for x in self.images]  # no-op unless just loaded
         for image in images.detach():
             image = image[None]
             if len(self.images) < self.size:
@@ -706,8 +707,8 @@ class ImagePool:
     def state_dict(self):
         return {"size": self.size, "images": [x.cpu() for x in self.images]}
 
-    def load_state_dict(self, state, device="cpu"):
-        self.size, self.images = state["size"], [x.to(device) for x in state["images"]]
+    def load_state_dict(self, state):  # kept on the CPU until query() moves them to the images' device
+        self.size, self.images = state["size"], list(state["images"])
 
 
 def set_requires_grad(nets, flag):
@@ -831,6 +832,22 @@ def load_checkpoint(path, device="cpu", args=None):
         if differ:
             fail(f"{path} was trained with {', '.join(differ)}; resume with the same options")
     return ckpt
+
+
+def training_state(parts, **progress):
+    """One checkpoint dict: the state of every part (networks, optimizers, schedulers, image
+    pools: anything with state_dict()), the RNG states, and progress (epoch, batch, step, args)."""
+    return {name: part.state_dict() for name, part in parts.items()} | {"rng": rng_state()} | progress
+
+
+def resume(path, device, args, parts):
+    """Load a training_state checkpoint into parts and the RNGs; returns (epoch, batch, step)."""
+    ckpt = load_checkpoint(path, device, args)
+    for name, part in parts.items():
+        part.load_state_dict(ckpt[name])
+    set_rng_state(ckpt["rng"])
+    print(f"resumed from step {ckpt['step']} (epoch {ckpt['epoch']}, batch {ckpt['batch']})")
+    return ckpt["epoch"], ckpt["batch"], ckpt["step"]
 
 
 # Options that fix the shape of the networks: a resumed or tested run takes them from its checkpoint.

@@ -234,22 +234,16 @@ def main(args):
     schedulers = [common.linear_decay(opt, args.epochs, args.epochs_decay) for opt in optims]
     pools = [common.ImagePool(args.pool_size), common.ImagePool(args.pool_size)]
     names = ["G", "F", "D_A", "D_B", "opt_G", "opt_D", "sched_G", "sched_D", "pool_A", "pool_B"]
-    epoch, step, skip = 0, 0, 0
+    parts = dict(zip(names, nets + optims + schedulers + pools))  # everything the checkpoint holds, by name
+    epoch, skip, step = 0, 0, 0
     if args.resume:
-        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
-        for obj, key in zip(nets + optims + schedulers, names):
-            obj.load_state_dict(ckpt[key])
-        pools[0].load_state_dict(ckpt["pool_A"], device), pools[1].load_state_dict(ckpt["pool_B"], device)
-        epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch"]
-        common.set_rng_state(ckpt["rng"])
-        print(f"resumed from step {step} (epoch {epoch}, batch {skip})")
+        epoch, skip, step = common.resume(args.checkpoint or out / "latest.pt", device, args, parts)
     common.save_options(args, out)
     log = common.LossLog(out / "losses.csv", resume=args.resume)
     preview = [dataset[i] for i in range(min(4, len(dataset)))]
 
     def save(epoch, batch):
-        state = {k: o.state_dict() for k, o in zip(names, nets + optims + schedulers + pools)}
-        state.update(epoch=epoch, batch=batch, step=step, rng=common.rng_state(), args=vars(args))
+        state = common.training_state(parts, epoch=epoch, batch=batch, step=step, args=vars(args))
         common.save_checkpoint(out / "latest.pt", state)
 
     total_epochs = args.epochs + args.epochs_decay

@@ -387,22 +387,17 @@ def main(args):
               torch.optim.Adam(list(dis_a.parameters()) + list(dis_b.parameters()), **adam)]
     schedulers = [torch.optim.lr_scheduler.StepLR(opt, args.step_size, gamma=0.5) for opt in optims]
     names = ["gen_a", "gen_b", "dis_a", "dis_b", "opt_gen", "opt_dis", "sched_gen", "sched_dis"]
-    epoch, step, skip = 0, 0, 0
+    parts = dict(zip(names, nets + optims + schedulers))  # everything the checkpoint holds, by name
+    epoch, skip, step = 0, 0, 0
     if args.resume:
-        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
-        for obj, key in zip(nets + optims + schedulers, names):
-            obj.load_state_dict(ckpt[key])
-        epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch"]
-        common.set_rng_state(ckpt["rng"])
-        print(f"resumed from step {step} (epoch {epoch}, batch {skip})")
+        epoch, skip, step = common.resume(args.checkpoint or out / "latest.pt", device, args, parts)
     common.save_options(args, out)
     log = common.LossLog(out / "losses.csv", resume=args.resume)
     preview = [dataset[i] for i in range(min(4, len(dataset)))]
     styles_preview = torch.randn(4, args.style_dim, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     def save(epoch, batch):
-        state = {k: o.state_dict() for k, o in zip(names, nets + optims + schedulers)}
-        state.update(epoch=epoch, batch=batch, step=step, rng=common.rng_state(), args=vars(args))
+        state = common.training_state(parts, epoch=epoch, batch=batch, step=step, args=vars(args))
         common.save_checkpoint(out / "latest.pt", state)
 
     total_epochs = args.epochs + args.epochs_decay

@@ -210,24 +210,19 @@ def main(args):
     optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
     schedulers = [common.linear_decay(opt, args.epochs, args.epochs_decay) for opt in optims]
     names = ["netG", "netD"]
-    epoch, step, skip = 0, 0, 0
+    # Everything the checkpoint holds, by name: networks, their optimizers and LR schedulers.
+    keys = names + [f"opt_{n}" for n in names] + [f"sched_{n}" for n in names]
+    parts = dict(zip(keys, nets + optims + schedulers))
+    epoch, skip, step = 0, 0, 0
     if args.resume:
-        ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
-        for obj, key in zip(nets + optims + schedulers, names + [f"opt_{n}" for n in names] + [f"sched_{n}" for n in names]):
-            obj.load_state_dict(ckpt[key])
-        epoch, step, skip = ckpt["epoch"], ckpt["step"], ckpt["batch"]
-        common.set_rng_state(ckpt["rng"])
-        print(f"resumed from step {step} (epoch {epoch}, batch {skip})")
+        epoch, skip, step = common.resume(args.checkpoint or out / "latest.pt", device, args, parts)
     common.save_options(args, out)
     log = common.LossLog(out / "losses.csv", resume=args.resume)
     preview = [dataset[i] for i in range(min(4, len(dataset)))]
     z_preview = torch.randn(4, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     def save(epoch, batch):
-        state = {k: o.state_dict() for k, o in zip(names, nets)}
-        state.update({f"opt_{k}": o.state_dict() for k, o in zip(names, optims)})
-        state.update({f"sched_{k}": s.state_dict() for k, s in zip(names, schedulers)})
-        state.update(epoch=epoch, batch=batch, step=step, rng=common.rng_state(), args=vars(args))
+        state = common.training_state(parts, epoch=epoch, batch=batch, step=step, args=vars(args))
         common.save_checkpoint(out / "latest.pt", state)
 
     total_epochs = args.epochs + args.epochs_decay
