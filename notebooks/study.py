@@ -3,7 +3,7 @@
 Trains every method with the same budget and seeds by running its script as a user would, tests
 it, and gathers the numbers each `--test` writes to metrics.json into a table and a figure:
 
-    python notebooks/study.py                       # paired methods, default budget
+    python notebooks/study.py --jobs 2              # paired methods, each on its toy schedule
     python notebooks/study.py --setting unpaired    # CycleGAN vs MUNIT
     python notebooks/study.py --iters 200 --seeds 0 --width 8 --methods BicycleGAN "pix2pix+noise"   # a taste
 
@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +40,11 @@ UNPAIRED = {
 }
 
 
-def run(script, flags, log):
+def run(script, flags, log, threads=None):
     command = [sys.executable, str(ROOT / script)] + [str(f) for f in flags]
     env = dict(os.environ, NO_PROGRESS="1", LPIPS=os.environ.get("LPIPS", "off"))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "a") as f:
         f.write("$ " + " ".join(command) + "\n")
         f.flush()
@@ -51,29 +54,38 @@ def run(script, flags, log):
 ENCODER_SCRIPTS = ("cvae_gan.py", "clr_gan.py", "bicyclegan.py", "divco.py")
 
 
-def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), retrain=False):
-    """Train and test each method for each seed (width: --ngf/--nef/--ndf for every script, None
-    for the scripts' defaults); returns {method: [metrics per seed]}."""
+def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), retrain=False, jobs=1):
+    """Train and test each method for each seed; returns {method: [metrics per seed]}.
+    iters: None trains each script on its own toy schedule (15 + 15 epochs: 12000 images for
+    every method), a number trains that many iterations at a constant learning rate.
+    width: --ngf/--nef/--ndf for every script (None: the scripts' defaults). jobs: runs at once."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = PAIRED | UNPAIRED
-    results = {}
-    for name in methods:
+
+    def one(name, seed):
         script, flags = table[name]
-        results[name] = []
-        for seed in seeds:
-            run_dir = out / f"{name.replace('+', 'p')}_seed{seed}"
-            metrics_file = run_dir / "test" / ("AtoB" if script == "cyclegan.py" else "") / "metrics.json"
-            if retrain or not metrics_file.exists():
-                start = time.time()
-                common = ["--out", run_dir, "--seed", seed, *extra]
-                if width:
-                    common += ["--ngf", width, "--ndf", width] + (["--nef", width] if script in ENCODER_SCRIPTS else [])
-                run(script, flags + common + ["--max-iters", iters, "--epochs", 10 ** 6, "--epochs-decay", 0],
-                    out / "study.log")
-                run(script, flags + common + ["--test", "--n-samples", n_samples], out / "study.log")
-                print(f"{name} seed {seed}: {time.time() - start:.0f} s", flush=True)
-            results[name].append(json.loads(metrics_file.read_text()))
+        run_dir = out / f"{name.replace('+', 'p')}_seed{seed}"
+        metrics_file = run_dir / "test" / ("AtoB" if script == "cyclegan.py" else "") / "metrics.json"
+        if retrain or not metrics_file.exists():
+            start = time.time()
+            common = ["--out", run_dir, "--seed", seed, "--num-workers", 0, *extra]
+            if width:
+                common += ["--ngf", width, "--ndf", width] + (["--nef", width] if script in ENCODER_SCRIPTS else [])
+            budget = [] if iters is None else ["--max-iters", iters, "--epochs", 10 ** 6, "--epochs-decay", 0]
+            log = run_dir.with_suffix(".log")
+            threads = 1 if jobs > 1 else None  # parallel runs: one thread each
+            run(script, flags + common + budget, log, threads)
+            run(script, flags + common + ["--test", "--n-samples", n_samples], log, threads)
+            print(f"{name} seed {seed}: {time.time() - start:.0f} s", flush=True)
+        return json.loads(metrics_file.read_text())
+
+    jobs_list = [(name, seed) for name in methods for seed in seeds]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        metrics = list(pool.map(lambda job: one(*job), jobs_list))
+    results = {name: [] for name in methods}
+    for (name, _), m in zip(jobs_list, metrics):
+        results[name].append(m)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -131,7 +143,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", default="paired", choices=["paired", "unpaired"])
     p.add_argument("--methods", nargs="+", help="default: every method of the setting")
-    p.add_argument("--iters", type=int, default=4000, help="training iterations per run (the same for all)")
+    p.add_argument("--iters", type=int, help="iterations per run at a constant learning rate (default: each "
+                   "script's toy schedule, 15 + 15 epochs = 12000 images)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (one CPU thread each when > 1)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-samples", type=int, default=10)
     p.add_argument("--out", default="runs/study")
@@ -142,13 +156,14 @@ def main():
     methods = args.methods or list(PAIRED if args.setting == "paired" else UNPAIRED)
     out = Path(args.out) / args.setting
     start = time.time()
-    results = run_study(methods, args.iters, args.seeds, out, args.n_samples, args.width, args.extra, args.retrain)
+    results = run_study(methods, args.iters, args.seeds, out, args.n_samples, args.width, args.extra, args.retrain,
+                        args.jobs)
     summary = summarise(results)
     table = markdown_table(summary)
     (out / "table.md").write_text(table + "\n")
     x, y = ("coverage", "valid") if args.setting == "paired" else ("coverage", "faithful_iou")
     plot_study(summary, out / "realism_vs_diversity.png", x, y,
-               title=f"Toy data, {args.iters} iterations, seeds {args.seeds}")
+               title=f"Toy data, {args.iters or 'default'} iterations, seeds {args.seeds}")
     print(table)
     print(f"figure: {out / 'realism_vs_diversity.png'}; {time.time() - start:.0f} s in all")
 
