@@ -30,7 +30,7 @@ D_A and D_B), each D on a real image and on a fake drawn from a pool of 50 past 
 Deviations:
 - From the paper: none intended. The paper's Eq. (1) is the log form; §4 replaces it with the
   least-squares form, which is what is trained here (--gan-mode vanilla gives the log form).
-- From the official code: the generator width on the toy data is 32 (64 elsewhere); the 6 or 9
+- From the official code: the network widths on the toy data are 16 (64 elsewhere); the 6 or 9
   residual blocks are picked from the crop size (9 at >= 256 px) unless --n-blocks is given.
 - Test images are resized to the crop size, both directions are written (test/AtoB, test/BtoA).
 
