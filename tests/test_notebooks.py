@@ -1,6 +1,5 @@
 """Every course notebook runs top to bottom from a fresh kernel, headless, on the CPU, at a tiny
 budget (NOTEBOOK_ITERS=2: the point is that every cell runs, not what it learns)."""
-import os
 from pathlib import Path
 
 import pytest
