@@ -1115,7 +1115,7 @@ def write_test_results(folder, results, args, toy=None):
                 if m >= 0:
                     counts[m] += 1
         total = max(1, sum(counts))
-        entropy = -sum(c / total * math.log(c / total) for c in counts if c)
+        entropy = sum(c / total * math.log(total / c) for c in counts if c)
         metrics["toy"] = {
             "mode_coverage": sum(s["coverage"] for s in scores) / len(scores),
             "mode_coverage_per_input": [s["coverage"] for s in scores],
