@@ -103,7 +103,7 @@ def summarise(results):
             if values:
                 mean = sum(values) / len(values)
                 std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-                summary[name][key] = (mean, std)
+                summary[name][key] = (mean, std if len(values) > 1 else None)  # no spread from one seed
     return summary
 
 
@@ -111,7 +111,7 @@ def markdown_table(summary):
     lines = ["| method | realism: valid samples | diversity: modes covered per input | mode entropy / uniform "
              "| pixel L1 between samples | faithfulness (IoU) |", "|---|---|---|---|---|---|"]
     for name, s in summary.items():
-        cells = [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k in s else "–"
+        cells = [("–" if k not in s else f"{s[k][0]:.3f}" + (f" ± {s[k][1]:.3f}" if s[k][1] is not None else ""))
                  for k in ("valid", "coverage", "entropy", "pixel_l1", "faithful_iou")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -127,10 +127,16 @@ def plot_study(summary, path, x="coverage", y="valid", title="Toy data: realism 
               "valid": "realism: share of samples that are clean toy images",
               "faithful_iou": "faithfulness: IoU of output shape and input outline"}
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, s in summary.items():
-        if x in s and y in s:
-            ax.errorbar(s[x][0], s[y][0], xerr=s[x][1], yerr=s[y][1], fmt="o", capsize=3)
-            ax.annotate(name, (s[x][0], s[y][0]), textcoords="offset points", xytext=(5, 5))
+    markers = "osD^vP*X"
+    for i, (name, s) in enumerate(summary.items()):
+        if x in s and y in s:  # error bars: std over seeds
+            ax.errorbar(s[x][0], s[y][0], xerr=s[x][1], yerr=s[y][1], fmt=markers[i % len(markers)], capsize=3,
+                        markersize=8, label=name)
+    ax.legend(loc="lower right", fontsize=9)
+    if x in ("coverage", "valid", "faithful_iou"):
+        ax.set_xlim(0, 1.02)
+    if y in ("coverage", "valid", "faithful_iou"):
+        ax.set_ylim(0, 1.05)
     ax.set_xlabel(labels.get(x, x)), ax.set_ylabel(labels.get(y, y)), ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
