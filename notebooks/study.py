@@ -65,7 +65,7 @@ def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), re
 
     def one(name, seed):
         script, flags = table[name]
-        run_dir = out / f"{name.replace('+', 'p')}_seed{seed}"
+        run_dir = out / f"{name.replace('++', 'pp').replace('+', '')}_seed{seed}"
         metrics_file = run_dir / "test" / ("AtoB" if script == "cyclegan.py" else "") / "metrics.json"
         if retrain or not metrics_file.exists():
             start = time.time()
