@@ -79,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    common.add_speed_flags(p)  # --amp --channels-last --compile --no-cache
     p.add_argument("--out", help="run folder (default runs/bicyclegan_<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt (or --checkpoint)")
     p.add_argument("--checkpoint", help="checkpoint file for --resume and --test (default <out>/latest.pt)")
@@ -239,10 +240,10 @@ def main(args):
     if args.test:
         return test(args, device)
     out = common.default_out(args, __file__)
-    dataset = common.paired_dataset(args, train=True)
+    dataset = common.keep_in_memory(common.paired_dataset(args, train=True), device, args)  # decoded once
     common.check_trainable(dataset, args.batch_size)
     common.seed_everything(args.seed)
-    nets = build_networks(args, device)
+    nets = common.speed_up(build_networks(args, device), args)  # --channels-last, --compile
     optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
     schedulers = [common.linear_decay(opt, args.epochs, args.epochs_decay) for opt in optims]
     names = ["netG", "netE", "netD", "netD2"]
@@ -272,7 +273,8 @@ def main(args):
         for batch_index, batch in enumerate(loader, start=skip):
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
-            losses = train_step(nets, optims, real_A, real_B, args)
+            with common.mixed_precision(device, args.amp):  # --amp: bf16 autocast
+                losses = train_step(nets, optims, real_A, real_B, args)
             step += 1
             speed.step(args.batch_size)
             bar.update(1)

@@ -313,29 +313,40 @@ def find_split(root, split, suffix=""):
     fail(f"no images found in {wanted}; a data set folder needs its images there")
 
 
-def to_tensor(img, channels):
-    """PIL image -> float tensor in [-1, 1] with 1 (grayscale) or 3 channels."""
+def to_uint8(img, channels):
+    """PIL image -> uint8 tensor (C, H, W) with 1 (grayscale) or 3 channels."""
     img = img.convert("L" if channels == 1 else "RGB")
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    x = x.view(img.height, img.width, channels).permute(2, 0, 1).float()
-    return x / 127.5 - 1.0
+    return x.view(img.height, img.width, channels).permute(2, 0, 1)
 
 
-def augment(img, load_size, crop_size, params):
-    """Square bicubic resize to load size, then the crop and flip given in params."""
-    img = img.resize((load_size, load_size), Image.BICUBIC)
-    x, y, flip = params
-    img = img.crop((x, y, x + crop_size, y + crop_size))
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+def to_tensor(img, channels):
+    """PIL image -> float tensor in [-1, 1] with 1 (grayscale) or 3 channels."""
+    return to_uint8(img, channels).float() / 127.5 - 1.0
+
+
+def crop_flip(x, crop_size, params):
+    """uint8 image (C, S, S) -> float crop in [-1, 1]; params (x, y, flip), or None for the whole
+    image. Plain tensor ops, so they run where the image is (on the GPU for a data set kept there)."""
+    if params is not None:
+        left, top, flip = params
+        x = x[:, top:top + crop_size, left:left + crop_size]
+        x = x.flip(-1) if flip else x
+    return x.float() / 127.5 - 1.0
 
 
 class ImageFolderBase(torch.utils.data.Dataset):
     """Shared by the aligned and unaligned sets: image reading that skips broken files with a
     warning, and crops/flips drawn from (seed, epoch, index) so that they do not depend on worker
-    processes and a resumed run sees the very same augmentation."""
+    processes and a resumed run sees the very same augmentation.
+
+    An image is first decoded and resized (bicubic, square) to the load size when training, the
+    crop size when testing; the random crop and flip follow on the tensor. keep_in_memory() does
+    the first part once for every image, which gives the very same tensors."""
 
     def __init__(self, load_size, crop_size, train, seed):
         self.load_size, self.crop_size, self.train, self.seed, self.epoch = load_size, crop_size, train, seed, 0
+        self.cache = None  # side -> list of decoded uint8 images, when kept in memory
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -349,12 +360,14 @@ class ImageFolderBase(torch.utils.data.Dataset):
         room = self.load_size - self.crop_size
         return rng.randint(0, room), rng.randint(0, room), rng.random() < 0.5
 
+    def resize(self, img, channels):
+        """PIL image -> uint8 tensor at the load size (training) or crop size (test)."""
+        size = self.load_size if self.train else self.crop_size
+        return to_uint8(img.resize((size, size), Image.BICUBIC), channels)
+
     def transform(self, img, params, channels):
-        if params is None:
-            img = img.resize((self.crop_size, self.crop_size), Image.BICUBIC)
-        else:
-            img = augment(img, self.load_size, self.crop_size, params)
-        return to_tensor(img, channels)
+        """PIL image -> network input in [-1, 1] (params: a crop and flip, or None)."""
+        return crop_flip(self.resize(img, channels), self.crop_size, params)
 
     def open(self, paths, index):
         """Open paths[index] -> (image, index read); a broken file is skipped, with a warning,
@@ -370,6 +383,26 @@ class ImageFolderBase(torch.utils.data.Dataset):
                 print(f"warning: skipping unreadable image {path} ({e})", file=sys.stderr)
         raise RuntimeError("no image in the data set could be read")
 
+    def decoded(self, side, index):
+        """(uint8 image, path) of side 'A' or 'B' at index: from memory, else from its file."""
+        if self.cache is not None:
+            return self.cache[side][index]
+        return self.decode(side, index)
+
+    def keep_in_memory(self, device, max_gib=4.0):
+        """Speed: decode and resize every image once and keep them, as uint8, on the device
+        (the GPU for a CUDA run), so that an epoch reads no file and crops on the device. Skipped,
+        with a note, for sets larger than max_gib; returns whether the set is kept."""
+        size = self.load_size if self.train else self.crop_size
+        gib = sum(n * channels for n, channels in self.sides().values()) * size * size / 2 ** 30
+        if gib > max_gib:
+            print(f"note: the data set needs {gib:.1f} GiB decoded, more than {max_gib} GiB: read from disk each epoch")
+            return False
+        to_device = lambda x: tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+        self.cache = {side: [(to_device(x), path) for x, path in (self.decode(side, i) for i in range(n))]
+                      for side, (n, _) in self.sides().items()}
+        return True
+
 
 class AlignedDataset(ImageFolderBase):
     """Files holding A|B side by side (pix2pix layout). Returns {'A': input, 'B': target, 'path'}
@@ -384,15 +417,21 @@ class AlignedDataset(ImageFolderBase):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, index):
+    def sides(self):
+        return {"AB": (len(self.paths), self.input_nc + self.output_nc)}
+
+    def decode(self, side, index):
+        """-> ((A, B) as uint8 tensors at the working size, path): both halves of one file."""
         img, i = self.open(self.paths, index)
-        path = self.paths[i]
         w, h = img.size
         left, right = img.crop((0, 0, w // 2, h)), img.crop((w // 2, 0, w, h))
         source, target = (left, right) if self.direction == "AtoB" else (right, left)
+        return (self.resize(source, self.input_nc), self.resize(target, self.output_nc)), str(self.paths[i])
+
+    def __getitem__(self, index):
+        (A, B), path = self.decoded("AB", index)
         params = self.crop_params(self.rng(index))
-        return {"A": self.transform(source, params, self.input_nc),
-                "B": self.transform(target, params, self.output_nc), "path": str(path)}
+        return {"A": crop_flip(A, self.crop_size, params), "B": crop_flip(B, self.crop_size, params), "path": path}
 
 
 def paired_dataset(args, train=True):
@@ -418,21 +457,26 @@ class UnalignedDataset(ImageFolderBase):
     def __len__(self):
         return max(len(self.paths_A), len(self.paths_B))
 
-    def load(self, paths, halves, index):
-        img, i = self.open(paths, index % len(paths))
+    def sides(self):
+        return {"A": (len(self.paths_A), self.input_nc), "B": (len(self.paths_B), self.output_nc)}
+
+    def decode(self, side, index):
+        """-> (uint8 tensor at the working size, path) of image index of domain side."""
+        paths, halves, channels = ((self.paths_A, self.halves_A, self.input_nc) if side == "A"
+                                   else (self.paths_B, self.halves_B, self.output_nc))
+        img, i = self.open(paths, index)
         if halves[i] is not None:
             w, h = img.size
             img = img.crop((halves[i] * w // 2, 0, (halves[i] + 1) * w // 2, h))
-        return img, paths[i]
+        return self.resize(img, channels), str(paths[i])
 
     def __getitem__(self, index):
         rng = self.rng(index)
-        img_A, path_A = self.load(self.paths_A, self.halves_A, index)
-        b = rng.randrange(len(self.paths_B)) if self.train else index
-        img_B, path_B = self.load(self.paths_B, self.halves_B, b)
-        return {"A": self.transform(img_A, self.crop_params(rng), self.input_nc),
-                "B": self.transform(img_B, self.crop_params(rng), self.output_nc),
-                "path": str(path_A), "path_B": str(path_B)}
+        A, path_A = self.decoded("A", index % len(self.paths_A))
+        b = rng.randrange(len(self.paths_B)) if self.train else index % len(self.paths_B)
+        B, path_B = self.decoded("B", b)
+        return {"A": crop_flip(A, self.crop_size, self.crop_params(rng)),
+                "B": crop_flip(B, self.crop_size, self.crop_params(rng)), "path": path_A, "path_B": path_B}
 
 
 def unpaired_dataset(args, train=True):
@@ -461,9 +505,12 @@ def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, num_workers=0
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
     order = torch.randperm(len(dataset), generator=generator)[skip_batches * batch_size:].tolist()
     # Its own generator also keeps the loader from drawing on the global RNG that z and dropout use.
+    # A set kept in memory is cropped in this process (on its device); one read from disk is
+    # decoded by num_workers processes into pinned memory, for fast copies to the GPU.
+    in_memory = getattr(dataset, "cache", None) is not None
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=drop_last,
-                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       generator=generator)
+                                       num_workers=0 if in_memory else num_workers,
+                                       pin_memory=torch.cuda.is_available() and not in_memory, generator=generator)
 
 
 def check_trainable(dataset, batch_size):
@@ -612,7 +659,7 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, x):
         h = self.features(x)
-        return self.fc_mu(h), self.fc_logvar(h)
+        return self.fc_mu(h).float(), self.fc_logvar(h).float()  # float32 also under --amp (z, KL)
 
 
 class ConvEncoder(nn.Module):
@@ -633,7 +680,7 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x):
         h = self.features(x)
-        return self.fc_mu(h), self.fc_logvar(h)
+        return self.fc_mu(h).float(), self.fc_logvar(h).float()  # float32 also under --amp (z, KL)
 
 
 def make_encoder(kind, input_nc, nz, nef, norm="instance"):
@@ -760,8 +807,64 @@ def linear_decay(optimizer, epochs, epochs_decay):
         optimizer, lambda epoch: 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1))
 
 
-def adam(net, lr, betas=(0.5, 0.999), weight_decay=0.0):
-    return torch.optim.Adam(net.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+def adam(nets, lr, betas=(0.5, 0.999), weight_decay=0.0):
+    """One Adam optimizer over the parameters of a network or a list of networks."""
+    params = [p for net in (nets if isinstance(nets, (list, tuple)) else [nets]) for p in net.parameters()]
+    # Speed: on the GPU, fused Adam updates all parameters in a few kernels instead of several per tensor.
+    fused = params[0].is_cuda
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed on a CUDA GPU. Each means is here, in one place; the scripts call these functions. On by
+# default (they give the same results): cuDNN autotuning (pick_device), fused Adam (adam), the
+# training set decoded once and kept on the GPU (keep_in_memory), one host sync per logged
+# iteration (the loop). Behind flags: bf16 autocast, channels-last, torch.compile.
+# ---------------------------------------------------------------------------------------------
+def add_speed_flags(parser):
+    g = parser.add_argument_group("speed (see README, 'Speed')")
+    g.add_argument("--amp", action="store_true", help="bf16 mixed precision for the training step")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the networks")
+    g.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the networks with this mode (reduce-overhead adds CUDA graphs); "
+                        "the first iterations compile, which takes minutes")
+    g.add_argument("--no-cache", action="store_true", help="decode the training images from disk every epoch "
+                   "instead of once into memory (on the GPU for a CUDA run)")
+
+
+def speed_up(nets, args):
+    """The flags that act on the networks, in place (so checkpoints, previews and tests are unchanged).
+    --channels-last: weights in NHWC, the layout the GPU's tensor cores read; activations follow
+    the weights' layout, so the inputs need no change. --compile: each network's forward is
+    compiled (fused kernels, fewer launches); a network used through methods instead of forward
+    (MUNIT's encode/decode) has its parts compiled."""
+    for net in nets:
+        if args.channels_last:
+            net.to(memory_format=torch.channels_last)
+        if args.compile:
+            own_forward = type(net).forward is not nn.Module.forward
+            for part in [net] if own_forward else net.children():
+                part.compile(mode=None if args.compile == "default" else args.compile)
+    if args.compile:
+        # One static graph per input shape: training has one, the epoch previews a few more.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.cache_size_limit = 32
+    return nets
+
+
+def mixed_precision(device, enabled):
+    """--amp: run the training step's matrix products and convolutions in bfloat16 (the rest,
+    e.g. losses and norms, stays in float32). bf16 keeps float32's exponent range, so unlike
+    float16 it needs no loss scaling. Off: a context that does nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def keep_in_memory(dataset, device, args):
+    """Unless --no-cache: decode the training set once and keep it on the device (see
+    ImageFolderBase.keep_in_memory); crops and flips then run there, and no worker reads files."""
+    if not args.no_cache and dataset.keep_in_memory(device):
+        print(f"data: {len(dataset)} training images decoded once, kept in {device.type} memory")
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------

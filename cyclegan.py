@@ -74,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    common.add_speed_flags(p)  # --amp --channels-last --compile --no-cache
     p.add_argument("--out", help="run folder (default runs/cyclegan_<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt (or --checkpoint)")
     p.add_argument("--checkpoint", help="checkpoint file for --resume and --test (default <out>/latest.pt)")
@@ -219,18 +220,16 @@ def main(args):
     if args.test:
         return test(args, device)
     out = common.default_out(args, __file__)
-    dataset = common.unpaired_dataset(args, train=True)
+    dataset = common.keep_in_memory(common.unpaired_dataset(args, train=True), device, args)  # decoded once
     common.check_trainable(dataset, args.batch_size)
     if args.lambda_idt > 0 and args.input_nc != args.output_nc:
         common.fail(f"the identity loss needs as many channels in A ({args.input_nc}) as in B "
                     f"({args.output_nc}); pass --lambda-idt 0")
     common.seed_everything(args.seed)
-    nets = build_networks(args, device)
+    nets = common.speed_up(build_networks(args, device), args)  # --channels-last, --compile
     G, F, D_A, D_B = nets
-    betas = (args.beta1, 0.999)
     # One optimizer for G and F, one for D_A and D_B (official code)
-    optims = [torch.optim.Adam(list(G.parameters()) + list(F.parameters()), lr=args.lr, betas=betas),
-              torch.optim.Adam(list(D_A.parameters()) + list(D_B.parameters()), lr=args.lr, betas=betas)]
+    optims = [common.adam([G, F], args.lr, (args.beta1, 0.999)), common.adam([D_A, D_B], args.lr, (args.beta1, 0.999))]
     schedulers = [common.linear_decay(opt, args.epochs, args.epochs_decay) for opt in optims]
     pools = [common.ImagePool(args.pool_size), common.ImagePool(args.pool_size)]
     names = ["G", "F", "D_A", "D_B", "opt_G", "opt_D", "sched_G", "sched_D", "pool_A", "pool_B"]
@@ -257,7 +256,8 @@ def main(args):
         for batch_index, batch in enumerate(loader, start=skip):
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
-            losses = train_step(nets, optims, pools, real_A, real_B, args)
+            with common.mixed_precision(device, args.amp):  # --amp: bf16 autocast
+                losses = train_step(nets, optims, pools, real_A, real_B, args)
             step += 1
             speed.step(args.batch_size)
             bar.update(1)

@@ -31,8 +31,9 @@ Symbols (paper -> code):
 
 Latent augmentation (DivCo §3): the paper speaks of a hypersphere of radius R around z but states
 the negative condition element-wise; this script, like the official code, uses a box throughout:
-z+ = z + U(-R, R) per coordinate, and each z- is a fresh N(0, I) draw, drawn again while any of
-its coordinates lies within R of the query's.
+z+ = z + U(-R, R) per coordinate, and each z- is N(0, I) restricted to every coordinate being
+more than R from the query's. The official code draws z- again until that holds; here each
+coordinate is drawn from that restricted normal directly (same distribution, no loop).
 
 --diversity-loss picks the term on top of the same base: contrastive (DivCo), mode-seeking (MSGAN,
 arXiv:1903.05628: minimise 1 / (mean|G(A,z1) - G(A,z2)| / mean|z1 - z2| + 1e-5), --lambda-ms 1)
@@ -105,6 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    common.add_speed_flags(p)  # --amp --channels-last --compile --no-cache
     p.add_argument("--out", help="run folder (default runs/divco_<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt (or --checkpoint)")
     p.add_argument("--checkpoint", help="checkpoint file for --resume and --test (default <out>/latest.pt)")
@@ -175,12 +177,15 @@ def latent_augment(z, num_negatives, radius):
     """Positives and negatives for queries z (n, nz): z_pos (n, nz), z_neg (n, N, nz)."""
     # DivCo §3, latent augmentation (official: a box): z+ = z + eta, eta ~ U(-R, R) per coordinate
     z_pos = z + (2 * torch.rand_like(z) - 1) * radius
-    # DivCo §3: |z- - z| > R element-wise; z- ~ N(0, I), drawn again while any coordinate is within R
-    z_neg = torch.randn(z.size(0), num_negatives, z.size(1), device=z.device)
-    close = ((z_neg - z[:, None]).abs() <= radius).any(-1)
-    while close.any():
-        z_neg[close] = torch.randn(int(close.sum()), z.size(1), device=z.device)
-        close = ((z_neg - z[:, None]).abs() <= radius).any(-1)
+    # DivCo §3: z- ~ N(0, I) with |z- - z| > R element-wise. The official code redraws z- while a
+    # coordinate is within R. Drawn here without a loop (a loop would wait on the GPU each step):
+    # the coordinates are independent, so each is N(0, 1) with [z - R, z + R] cut out, sampled by
+    # inverting its CDF Phi over the mass that is left (in float64, so no draw reaches +-inf).
+    centre = z[:, None].double().expand(-1, num_negatives, -1)
+    low, high = torch.special.ndtr(centre - radius), torch.special.ndtr(centre + radius)
+    u = torch.rand_like(centre) * (1 - (high - low))
+    u = torch.where(u < low, u, u + (high - low))  # step over the cut-out interval
+    z_neg = torch.special.ndtri(u).to(z.dtype)
     return z_pos, z_neg
 
 
@@ -373,10 +378,10 @@ def main(args):
     if args.test:
         return test(args, device)
     out = common.default_out(args, __file__)
-    dataset = load_dataset(args, train=True)
+    dataset = common.keep_in_memory(load_dataset(args, train=True), device, args)  # decoded once
     common.check_trainable(dataset, args.batch_size)
     common.seed_everything(args.seed)
-    nets = build_networks(args, device)
+    nets = common.speed_up(build_networks(args, device), args)  # --channels-last, --compile
     optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
     schedulers = [common.linear_decay(opt, args.epochs, args.epochs_decay) for opt in optims]
     names = network_names(args)
@@ -407,12 +412,13 @@ def main(args):
         for batch_index, batch in enumerate(loader, start=skip):
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
-            losses = step_fn(nets, optims, real_A, real_B, args)
+            with common.mixed_precision(device, args.amp):  # --amp: bf16 autocast
+                losses = step_fn(nets, optims, real_A, real_B, args)
             step += 1
             speed.step(args.batch_size)
             bar.update(1)
             if step % args.log_every == 0 or step == total:
-                values = {k: v.item() for k, v in losses.items()}  # host sync (contrastive: also the rejection loop)
+                values = {k: v.item() for k, v in losses.items()}  # the only host sync of the loop
                 bar.set_postfix(values | {"img/s": round(speed.rate(), 1)})
                 log.write({"step": step, "epoch": epoch, "lr": optims[0].param_groups[0]["lr"]} | values)
             if step >= total:

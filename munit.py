@@ -89,6 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    common.add_speed_flags(p)  # --amp --channels-last --compile --no-cache
     p.add_argument("--out", help="run folder (default runs/munit_<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt (or --checkpoint)")
     p.add_argument("--checkpoint", help="checkpoint file for --resume and --test (default <out>/latest.pt)")
@@ -376,15 +377,15 @@ def main(args):
     if args.test:
         return test(args, device)
     out = common.default_out(args, __file__)
-    dataset = common.unpaired_dataset(args, train=True)
+    dataset = common.keep_in_memory(common.unpaired_dataset(args, train=True), device, args)  # decoded once
     common.check_trainable(dataset, args.batch_size)
     common.seed_everything(args.seed)
-    nets = build_networks(args, device)
+    nets = common.speed_up(build_networks(args, device), args)  # --channels-last, --compile
     gen_a, gen_b, dis_a, dis_b = nets
     # One optimizer for both generators, one for both Ds; lr x 1/2 every --step-size iterations (official)
-    adam = dict(lr=args.lr, betas=(args.beta1, 0.999), weight_decay=args.weight_decay)
-    optims = [torch.optim.Adam(list(gen_a.parameters()) + list(gen_b.parameters()), **adam),
-              torch.optim.Adam(list(dis_a.parameters()) + list(dis_b.parameters()), **adam)]
+    betas = (args.beta1, 0.999)
+    optims = [common.adam([gen_a, gen_b], args.lr, betas, args.weight_decay),
+              common.adam([dis_a, dis_b], args.lr, betas, args.weight_decay)]
     schedulers = [torch.optim.lr_scheduler.StepLR(opt, args.step_size, gamma=0.5) for opt in optims]
     names = ["gen_a", "gen_b", "dis_a", "dis_b", "opt_gen", "opt_dis", "sched_gen", "sched_dis"]
     parts = dict(zip(names, nets + optims + schedulers))  # everything the checkpoint holds, by name
@@ -411,7 +412,8 @@ def main(args):
         for batch_index, batch in enumerate(loader, start=skip):
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
-            losses = train_step(nets, optims, real_A, real_B, args)
+            with common.mixed_precision(device, args.amp):  # --amp: bf16 autocast
+                losses = train_step(nets, optims, real_A, real_B, args)
             for scheduler in schedulers:  # per iteration (official)
                 scheduler.step()
             step += 1

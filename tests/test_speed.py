@@ -1,0 +1,91 @@
+"""The speed means (common.py, 'Speed on a CUDA GPU') compute the same thing as the plain path.
+
+On the CPU these check equality, not speed: the data kept in memory gives the very same tensors,
+channels-last and torch.compile the same losses up to float rounding (and compile's own dropout
+masks), bf16 autocast the same losses within its precision. Speed itself is measured on a GPU
+(README, 'Speed')."""
+import csv
+
+import pytest
+import torch
+
+import common
+from conftest import run_script
+
+
+def batches(dataset, epoch):
+    return list(common.epoch_loader(dataset, 4, epoch, seed=7, num_workers=0))
+
+
+@pytest.mark.parametrize("input_nc", [1, 3])
+def test_kept_in_memory_gives_the_same_batches(toy_paired, input_nc):
+    def make():
+        return common.AlignedDataset(toy_paired / "train", "BtoA", 72, 64, input_nc=input_nc, seed=7)
+
+    from_disk, in_memory = make(), make()
+    assert in_memory.keep_in_memory(torch.device("cpu"))
+    for epoch in (0, 3):
+        for a, b in zip(batches(from_disk, epoch), batches(in_memory, epoch)):
+            assert torch.equal(a["A"], b["A"]) and torch.equal(a["B"], b["B"]) and a["path"] == b["path"]
+    assert a["A"].shape == (4, input_nc, 64, 64)
+
+
+def test_kept_in_memory_unaligned(toy_unpaired):
+    def make():
+        files = [[(p, None) for p in common.list_images(toy_unpaired / f"train{side}")] for side in "AB"]
+        return common.UnalignedDataset(files[0], files[1], 72, 64, seed=3)
+
+    from_disk, in_memory = make(), make()
+    in_memory.keep_in_memory(torch.device("cpu"))
+    for a, b in zip(batches(from_disk, 1), batches(in_memory, 1)):
+        assert torch.equal(a["A"], b["A"]) and torch.equal(a["B"], b["B"]) and a["path_B"] == b["path_B"]
+
+
+def test_too_large_a_set_stays_on_disk(toy_paired, capsys):
+    dataset = common.AlignedDataset(toy_paired / "train", load_size=72, crop_size=64)
+    assert not dataset.keep_in_memory(torch.device("cpu"), max_gib=0.001)  # 400 x 6 x 72 x 72 bytes = 0.012 GiB
+    assert dataset.cache is None and "read from disk" in capsys.readouterr().out
+
+
+def test_adam_over_several_networks():
+    a, b = torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)
+    opt = common.adam([a, b], 1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4
+    assert not opt.defaults["fused"]  # fused only for CUDA parameters
+
+
+def losses(path):
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def close(run, reference, rel, keys):
+    for row, ref in zip(run, reference, strict=True):
+        for k in keys:
+            assert abs(row[k] - ref[k]) <= rel * abs(ref[k]) + 1e-6, (k, row[k], ref[k])
+
+
+FLAGS = ["--quick", "--max-iters", "3", "--log-every", "1", "--epochs", "1"]
+
+
+def test_speed_flags_give_the_same_losses(tmp_path):
+    for name, extra in [("plain", []), ("no_cache", ["--no-cache"]), ("nhwc", ["--channels-last"]),
+                        ("amp", ["--amp", "--channels-last"])]:
+        run_script("bicyclegan.py", *FLAGS, "--out", name, *extra, cwd=tmp_path)
+    plain = losses(tmp_path / "plain" / "losses.csv")
+    assert losses(tmp_path / "no_cache" / "losses.csv") == plain  # the same tensors, bit for bit
+    keys = ["G_GAN", "G_GAN2", "G_L1", "z_L1", "D", "D2"]
+    close(losses(tmp_path / "nhwc" / "losses.csv"), plain, 1e-3, keys)  # other kernels, float32
+    close(losses(tmp_path / "amp" / "losses.csv")[:2], plain[:2], 1e-2, keys)  # bf16: about 3 digits
+
+
+def test_compile_gives_the_same_losses(tmp_path):
+    """torch.compile (CPU here: needs a C compiler, takes about a minute) trains and saves plain
+    checkpoints. Its dropout draws other masks, so the losses agree to about 1 %."""
+    run_script("pix2pix_noise.py", *FLAGS, "--out", "plain", cwd=tmp_path)
+    run_script("pix2pix_noise.py", *FLAGS, "--out", "compiled", "--compile", cwd=tmp_path)
+    close(losses(tmp_path / "compiled" / "losses.csv"), losses(tmp_path / "plain" / "losses.csv"), 2e-2,
+          ["G_GAN", "G_L1", "D"])
+    state = torch.load(tmp_path / "compiled" / "latest.pt", weights_only=False)
+    assert not any("_orig_mod" in k for k in state["netG"])  # loadable without compiling
+    run_script("pix2pix_noise.py", "--quick", "--test", "--out", "compiled", cwd=tmp_path)
