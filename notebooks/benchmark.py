@@ -1,0 +1,173 @@
+"""Throughput of the seven scripts, and whether the fast flags train the same (README, 'Speed').
+
+Runs each script as a user would, with --max-iters, and reads the images/s and peak GPU memory
+that it prints after its warm-up iterations. Three parts, each writing a Markdown table and the
+raw numbers (results.json) to --out:
+
+    python notebooks/benchmark.py table   --data datasets/facades   # 7 scripts, default and fast flags
+    python notebooks/benchmark.py scaling --data datasets/facades   # bicyclegan.py: batch size, resolution
+    python notebooks/benchmark.py losses  --data datasets/facades   # fp32 vs fast flags, first iterations
+
+Settings are the paper's: 256 px (load 286), each method's official batch size (1 for pix2pix,
+CycleGAN and MUNIT, 2 for the BicycleGAN family and DivCo). --iters stays below one epoch
+(200 batches of facades at batch 2), so no epoch-end preview enters the timing.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# script -> (official batch size, the official throughput on one H100 in images/s, reference §8)
+SCRIPTS = {
+    "pix2pix_noise.py": (1, 67.0),  # against the official pix2pix
+    "cvae_gan.py": (2, None),
+    "clr_gan.py": (2, None),
+    "bicyclegan.py": (2, 30.0),
+    "divco.py": (2, None),
+    "cyclegan.py": (1, 10.5),
+    "munit.py": (1, 7.5),
+}
+FAST = ["--amp", "--channels-last", "--compile"]  # the README's recommended GPU flags
+EXTRA = []  # flags given after -- go to every run
+THROUGHPUT = re.compile(r"throughput: ([\d.]+) images/s.*?(?:peak GPU memory ([\d.]+) GiB)?$", re.M)
+
+
+def run(script, flags, out, log):
+    """Train with flags; returns (images/s, peak GiB or None, wall seconds)."""
+    command = [sys.executable, str(ROOT / script), *map(str, flags), *EXTRA, "--out", str(out)]
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, NO_PROGRESS="1"))
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(command) + "\n" + result.stdout + result.stderr + "\n")
+    if result.returncode != 0:
+        print(f"failed: {' '.join(command)} (see {log})\n{result.stderr[-2000:]}", flush=True)
+        return None, None, time.time() - start
+    found = THROUGHPUT.findall(result.stdout)
+    rate, memory = found[-1]
+    return float(rate), float(memory) if memory else None, time.time() - start
+
+
+def size_flags(size):
+    return ["--load-size", round(size * 286 / 256), "--crop-size", size]  # 286 -> 256, as the official scripts
+
+
+def table(args, out, log):
+    rows = []
+    for script, (batch, official) in SCRIPTS.items():
+        if args.scripts and script not in args.scripts:
+            continue
+        base = ["--dataset", args.data, "--batch-size", batch, "--max-iters", args.iters, *size_flags(256)]
+        row = {"script": script, "batch": batch, "official": official}
+        for name, flags in [("default", []), ("fast", FAST)]:
+            rate, memory, wall = run(script, base + flags, out / f"{Path(script).stem}_{name}", log)
+            row |= {f"{name}_img_s": rate, f"{name}_gib": memory, f"{name}_wall_s": round(wall)}
+            print(script, name, rate, memory, f"{wall:.0f} s", flush=True)
+        rows.append(row)
+    lines = ["| script | batch | official img/s | default img/s | peak GiB | fast img/s | peak GiB | fast / official |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = (f"{r['fast_img_s'] / r['official']:.1f}x" if r["official"] and r["fast_img_s"] else "")
+        lines.append(f"| {r['script']} | {r['batch']} | {r['official'] or ''} | {fmt(r['default_img_s'])} | "
+                     f"{fmt(r['default_gib'], 2)} | {fmt(r['fast_img_s'])} | {fmt(r['fast_gib'], 2)} | {ratio} |")
+    return rows, lines
+
+
+def scaling(args, out, log):
+    rows = []
+    settings = [(b, 256) for b in (2, 8, 32)] + [(2, s) for s in (128, 512)]
+    for batch, size in settings:
+        for name, flags in [("default", []), ("fast", FAST)]:
+            iters = max(20, min(args.iters, args.iters * 2 // batch))  # about the same number of images
+            base = ["--dataset", args.data, "--batch-size", batch, "--max-iters", iters, *size_flags(size)]
+            rate, memory, _ = run("bicyclegan.py", base + flags, out / f"scale_{batch}_{size}_{name}", log)
+            rows.append({"batch": batch, "size": size, "flags": name, "img_s": rate, "gib": memory})
+            print(batch, size, name, rate, memory, flush=True)
+    lines = ["| batch | size | default img/s | peak GiB | fast img/s | peak GiB |", "|---|---|---|---|---|---|"]
+    for batch, size in settings:
+        d, f = [next(r for r in rows if (r["batch"], r["size"], r["flags"]) == (batch, size, n))
+                for n in ("default", "fast")]
+        lines.append(f"| {batch} | {size} | {fmt(d['img_s'])} | {fmt(d['gib'], 2)} | {fmt(f['img_s'])} | "
+                     f"{fmt(f['gib'], 2)} |")
+    return rows, lines
+
+
+def read_losses(path):
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def losses(args, out, log):
+    """fp32 seed 0, fp32 seed 1 (the run-to-run noise) and the fast flags, seed 0: mean of each loss
+    over windows of iterations, and the gap of each run to fp32 seed 0."""
+    script = args.scripts[0] if args.scripts else "bicyclegan.py"
+    base = ["--dataset", args.data, "--max-iters", args.iters, "--log-every", 1, *size_flags(args.size)]
+    runs = {"fp32, seed 0": ["--seed", 0], "fp32, seed 1": ["--seed", 1], "fast flags, seed 0": ["--seed", 0, *FAST]}
+    curves = {}
+    for i, (name, flags) in enumerate(runs.items()):
+        folder = out / f"losses_{i}"
+        run(script, base + flags, folder, log)
+        curves[name] = read_losses(folder / "losses.csv")
+    keys = [k for k in curves["fp32, seed 0"][0] if k not in ("step", "epoch", "lr")]
+    window = max(1, args.iters // 5)
+    lines = [f"| run | iterations | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    rows = []
+    for name, rows_ in curves.items():
+        for start in range(0, len(rows_), window):
+            part = rows_[start:start + window]
+            means = {k: sum(r[k] for r in part) / len(part) for k in keys}
+            rows.append({"run": name, "from": start + 1, "to": start + len(part)} | means)
+            lines.append(f"| {name} | {start + 1}-{start + len(part)} | " + " | ".join(f"{means[k]:.3f}" for k in keys) + " |")
+    plot_losses(curves, keys, out / "losses.png", window)
+    return rows, lines
+
+
+def plot_losses(curves, keys, path, window):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.8))
+    for ax, k in zip(axes, keys):
+        for name, rows in curves.items():
+            values = [r[k] for r in rows]
+            smooth = [sum(values[max(0, i - window // 2):i + 1]) / len(values[max(0, i - window // 2):i + 1])
+                      for i in range(len(values))]
+            ax.plot(range(1, len(values) + 1), smooth, label=name, lw=1)
+        ax.set_title(k), ax.set_xlabel("iteration")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fmt(x, digits=1):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("part", choices=["table", "scaling", "losses"])
+    p.add_argument("--data", required=True, help="a paired data set folder, e.g. datasets/facades")
+    p.add_argument("--iters", type=int, default=150, help="iterations per run (losses: 300 recommended)")
+    p.add_argument("--scripts", nargs="+", help="only these scripts (losses: the first; default bicyclegan.py)")
+    p.add_argument("--size", type=int, default=256, help="crop size for 'losses'")
+    p.add_argument("--out", default="runs/benchmark")
+    p.add_argument("extra", nargs="*", help="flags for every run, after --")
+    args = p.parse_args()
+    EXTRA[:] = args.extra
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, lines = {"table": table, "scaling": scaling, "losses": losses}[args.part](args, out, out / f"{args.part}.log")
+    (out / f"{args.part}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / f"{args.part}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
