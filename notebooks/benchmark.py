@@ -35,7 +35,7 @@ SCRIPTS = {
     "munit.py": (1, 7.5),
 }
 FAST = ["--amp", "--channels-last", "--compile"]  # the README's recommended GPU flags
-EXTRA = []  # flags given after -- go to every run
+EXTRA = []  # flags for every run (any flag benchmark.py does not know, e.g. --num-workers 8)
 THROUGHPUT = re.compile(r"throughput: ([\d.]+) images/s.*?(?:peak GPU memory ([\d.]+) GiB)?$", re.M)
 
 
@@ -123,7 +123,7 @@ def losses(args, out, log):
             part = rows_[start:start + window]
             means = {k: sum(r[k] for r in part) / len(part) for k in keys}
             rows.append({"run": name, "from": start + 1, "to": start + len(part)} | means)
-            lines.append(f"| {name} | {start + 1}-{start + len(part)} | " + " | ".join(f"{means[k]:.3f}" for k in keys) + " |")
+            lines.append(f"| {name} | {start + 1}-{start + len(part)} | " + " | ".join(f"{means[k]:.4g}" for k in keys) + " |")
     plot_losses(curves, keys, out / "losses.png", window)
     return rows, lines
 
@@ -158,9 +158,8 @@ def main():
     p.add_argument("--scripts", nargs="+", help="only these scripts (losses: the first; default bicyclegan.py)")
     p.add_argument("--size", type=int, default=256, help="crop size for 'losses'")
     p.add_argument("--out", default="runs/benchmark")
-    p.add_argument("extra", nargs="*", help="flags for every run, after --")
-    args = p.parse_args()
-    EXTRA[:] = args.extra
+    args, extra = p.parse_known_args()  # flags this script does not know go to every run
+    EXTRA[:] = [f for f in extra if f != "--"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, lines = {"table": table, "scaling": scaling, "losses": losses}[args.part](args, out, out / f"{args.part}.log")
