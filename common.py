@@ -398,7 +398,12 @@ class ImageFolderBase(torch.utils.data.Dataset):
         if gib > max_gib:
             print(f"note: the data set needs {gib:.1f} GiB decoded, more than {max_gib} GiB: read from disk each epoch")
             return False
-        to_device = lambda x: tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+        print(f"data: decoding {len(self)} images once, kept as uint8 in {torch.device(device).type} memory "
+              f"({gib:.2f} GiB)", flush=True)
+
+        def to_device(x):  # an image, or the (A, B) pair of an aligned file
+            return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+
         self.cache = {side: [(to_device(x), path) for x, path in (self.decode(side, i) for i in range(n))]
                       for side, (n, _) in self.sides().items()}
         return True
@@ -862,8 +867,8 @@ def mixed_precision(device, enabled):
 def keep_in_memory(dataset, device, args):
     """Unless --no-cache: decode the training set once and keep it on the device (see
     ImageFolderBase.keep_in_memory); crops and flips then run there, and no worker reads files."""
-    if not args.no_cache and dataset.keep_in_memory(device):
-        print(f"data: {len(dataset)} training images decoded once, kept in {device.type} memory")
+    if not args.no_cache:
+        dataset.keep_in_memory(device)
     return dataset
 
 
