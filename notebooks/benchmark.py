@@ -7,6 +7,7 @@ raw numbers (results.json) to --out:
     python notebooks/benchmark.py table   --data datasets/facades   # 7 scripts, default and fast flags
     python notebooks/benchmark.py scaling --data datasets/facades   # bicyclegan.py: batch size, resolution
     python notebooks/benchmark.py losses  --data datasets/facades   # fp32 vs fast flags, first iterations
+    python notebooks/benchmark.py count   --data datasets/facades   # FLOPs and operator calls per iteration (CPU)
 
 Settings are the paper's: 256 px (load 286), each method's official batch size (1 for pix2pix,
 CycleGAN and MUNIT, 2 for the BicycleGAN family and DivCo). --iters stays below one epoch
@@ -98,6 +99,48 @@ def scaling(args, out, log):
     return rows, lines
 
 
+def count(args, out, log):
+    """Work per training iteration, counted on any device (the CPU here): floating-point operations
+    (torch.utils.flop_counter: convolutions and matrix products) and ATen operator calls, each
+    roughly one GPU kernel launch in eager mode. The count for one iteration is the difference
+    between runs of k + 1 and k iterations, so set-up, data decoding and checkpoints cancel."""
+    import runpy
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, str(ROOT))
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def measure(script, batch, iters):
+        argv = [script, "--dataset", args.data, "--batch-size", str(batch), "--max-iters", str(iters),
+                *map(str, size_flags(args.size)), "--device", "cpu", "--num-workers", "0", *EXTRA,
+                "--out", str(out / f"count_{Path(script).stem}")]
+        ops, flops = CountOps(), FlopCounterMode(display=False)
+        sys.argv = argv
+        with ops, flops:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        return ops.calls, flops.get_total_flops()
+
+    rows = []
+    for script, (batch, _) in SCRIPTS.items():
+        if args.scripts and script not in args.scripts:
+            continue
+        (ops_1, flops_1), (ops_2, flops_2) = measure(script, batch, 2), measure(script, batch, 3)
+        rows.append({"script": script, "batch": batch, "aten_ops": ops_2 - ops_1, "gflop": (flops_2 - flops_1) / 1e9})
+        print(rows[-1], flush=True)
+    lines = ["| script | batch | GFLOP per iteration | GFLOP per image | ATen ops per iteration |", "|---|---|---|---|---|"]
+    lines += [f"| {r['script']} | {r['batch']} | {r['gflop']:.0f} | {r['gflop'] / r['batch']:.0f} | {r['aten_ops']} |"
+              for r in rows]
+    return rows, lines
+
+
 def read_losses(path):
     with open(path) as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -152,17 +195,17 @@ def fmt(x, digits=1):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["table", "scaling", "losses"])
+    p.add_argument("part", choices=["table", "scaling", "losses", "count"])
     p.add_argument("--data", required=True, help="a paired data set folder, e.g. datasets/facades")
     p.add_argument("--iters", type=int, default=150, help="iterations per run (losses: 300 recommended)")
     p.add_argument("--scripts", nargs="+", help="only these scripts (losses: the first; default bicyclegan.py)")
-    p.add_argument("--size", type=int, default=256, help="crop size for 'losses'")
+    p.add_argument("--size", type=int, default=256, help="crop size for 'losses' and 'count'")
     p.add_argument("--out", default="runs/benchmark")
     args, extra = p.parse_known_args()  # flags this script does not know go to every run
     EXTRA[:] = [f for f in extra if f != "--"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, lines = {"table": table, "scaling": scaling, "losses": losses}[args.part](args, out, out / f"{args.part}.log")
+    rows, lines = {"table": table, "scaling": scaling, "losses": losses, "count": count}[args.part](args, out, out / f"{args.part}.log")
     (out / f"{args.part}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / f"{args.part}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
