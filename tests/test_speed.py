@@ -5,12 +5,13 @@ channels-last and torch.compile the same losses up to float rounding (and compil
 masks), bf16 autocast the same losses within its precision. Speed itself is measured on a GPU
 (README, 'Speed')."""
 import csv
+import sys
 
 import pytest
 import torch
 
 import common
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def batches(dataset, epoch):
@@ -89,3 +90,14 @@ def test_compile_gives_the_same_losses(tmp_path):
     state = torch.load(tmp_path / "compiled" / "latest.pt", weights_only=False)
     assert not any("_orig_mod" in k for k in state["netG"])  # loadable without compiling
     run_script("pix2pix_noise.py", "--quick", "--test", "--out", "compiled", cwd=tmp_path)
+
+
+def test_benchmark_reads_what_the_scripts_print(tmp_path):
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    import benchmark
+    stdout = run_script("pix2pix_noise.py", "--quick", "--max-iters", "8", cwd=tmp_path).stdout
+    (rate, memory), = benchmark.THROUGHPUT.findall(stdout)
+    assert float(rate) > 0 and memory == ""  # no GPU memory on the CPU
+    # on CUDA, common.Throughput.report adds the peak memory to the same line
+    cuda_line = "throughput: 61.20 images/s over 290 images after 5 warm-up iterations, peak GPU memory 1.25 GiB"
+    assert benchmark.THROUGHPUT.findall(cuda_line) == [("61.20", "1.25")]
