@@ -129,3 +129,29 @@ def test_reconstruction_targets(nets):
     assert losses["c_B"].item() == pytest.approx(args.lambda_c * l1(content_b_recon, content_b), rel=1e-5)
     assert losses["x_A"].item() == pytest.approx(10 * l1(rec_A, real_A), rel=1e-5)
     assert losses["c_A"].requires_grad and "cyc_A" not in losses
+
+
+def test_content_target_is_not_detached(nets):
+    """Official MUNIT: || E2c(G2(c1, s2)) - c1 ||_1 with c1 not detached, so the term also pulls
+    E1c's output towards the reconstruction. Its gradient on E1c must equal the one computed
+    here without detach, and differ from the one with the target detached."""
+    args, (gen_a, gen_b, dis_a, dis_b) = nets
+    torch.manual_seed(2)
+    real_A, real_B = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1
+    style_a_random, style_b_random = torch.randn(1, 8, 1, 1), torch.randn(1, 8, 1, 1)
+    params = list(gen_a.content_encoder.parameters())
+
+    def grads(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    losses = munit.generator_losses(gen_a, gen_b, dis_a, dis_b, real_A, real_B, style_a_random, style_b_random, args)
+    from_script = grads(losses["c_A"])
+
+    def by_hand(detach_target):
+        content_a, _ = gen_a.encode(real_A)
+        content_a_recon, _ = gen_b.encode(gen_b.decode(content_a, style_b_random))
+        target = content_a.detach() if detach_target else content_a
+        return grads(args.lambda_c * (content_a_recon - target).abs().mean())
+
+    assert torch.allclose(from_script, by_hand(False), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(from_script, by_hand(True), rtol=1e-2, atol=1e-6)
