@@ -100,44 +100,64 @@ def scaling(args, out, log):
 
 
 def count(args, out, log):
-    """Work per training iteration, counted on any device (the CPU here): floating-point operations
-    (torch.utils.flop_counter: convolutions and matrix products) and ATen operator calls, each
-    roughly one GPU kernel launch in eager mode. The count for one iteration is the difference
-    between runs of k + 1 and k iterations, so set-up, data decoding and checkpoints cancel."""
+    """Work per training iteration, counted on the CPU: floating-point operations
+    (torch.utils.flop_counter: convolutions and matrix products), ATen operator calls that compute
+    (views excluded; each is about one GPU kernel launch in eager mode) and host syncs (reads of a
+    tensor's value by Python, e.g. .item()). Adam runs fused, as on a GPU. The count for one
+    iteration is the difference between runs of k + 1 and k iterations, so set-up, data
+    decoding and checkpoints cancel; neither iteration logs, so a sync counted is a stray one."""
     import runpy
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
     sys.path.insert(0, str(ROOT))
+    import common
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.calls = 0
+            self.ops, self.syncs = 0, 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += 1
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.syncs += 1
+            elif not func.is_view and func is not torch.ops.aten.detach.default:
+                self.ops += 1
             return func(*args, **(kwargs or {}))
 
+    plain_adam = common.adam
+
+    def fused_adam(*a, **k):  # common.adam takes fused Adam for CUDA parameters only
+        optimizer = plain_adam(*a, **k)
+        for group in optimizer.param_groups:
+            group["fused"], group["foreach"] = True, False
+        return optimizer
+
     def measure(script, batch, iters):
-        argv = [script, "--dataset", args.data, "--batch-size", str(batch), "--max-iters", str(iters),
-                *map(str, size_flags(args.size)), "--device", "cpu", "--num-workers", "0", *EXTRA,
-                "--out", str(out / f"count_{Path(script).stem}")]
+        sys.argv = [script, "--dataset", args.data, "--batch-size", str(batch), "--max-iters", str(iters),
+                    *map(str, size_flags(args.size)), "--device", "cpu", "--num-workers", "0", "--log-every", "1000",
+                    *EXTRA, "--out", str(out / f"count_{Path(script).stem}")]
         ops, flops = CountOps(), FlopCounterMode(display=False)
-        sys.argv = argv
-        with ops, flops:
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-        return ops.calls, flops.get_total_flops()
+        common.adam = fused_adam
+        try:
+            with ops, flops:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+        finally:
+            common.adam = plain_adam
+        return ops.ops, ops.syncs, flops.get_total_flops()
 
     rows = []
     for script, (batch, _) in SCRIPTS.items():
         if args.scripts and script not in args.scripts:
             continue
-        (ops_1, flops_1), (ops_2, flops_2) = measure(script, batch, 2), measure(script, batch, 3)
-        rows.append({"script": script, "batch": batch, "aten_ops": ops_2 - ops_1, "gflop": (flops_2 - flops_1) / 1e9})
+        one, two = measure(script, batch, 2), measure(script, batch, 3)
+        ops, syncs, flops = (b - a for a, b in zip(one, two))
+        rows.append({"script": script, "batch": batch, "ops": ops, "syncs": syncs, "gflop": flops / 1e9})
         print(rows[-1], flush=True)
-    lines = ["| script | batch | GFLOP per iteration | GFLOP per image | ATen ops per iteration |", "|---|---|---|---|---|"]
-    lines += [f"| {r['script']} | {r['batch']} | {r['gflop']:.0f} | {r['gflop'] / r['batch']:.0f} | {r['aten_ops']} |"
-              for r in rows]
+    lines = ["| script | batch | GFLOP per iteration | GFLOP per image | operator calls per iteration | host syncs |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['script']} | {r['batch']} | {r['gflop']:.0f} | {r['gflop'] / r['batch']:.0f} | {r['ops']} | "
+              f"{r['syncs']} |" for r in rows]
     return rows, lines
 
 
