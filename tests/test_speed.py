@@ -101,3 +101,19 @@ def test_benchmark_reads_what_the_scripts_print(tmp_path):
     # on CUDA, common.Throughput.report adds the peak memory to the same line
     cuda_line = "throughput: 61.20 images/s over 290 images after 5 warm-up iterations, peak GPU memory 1.25 GiB"
     assert benchmark.THROUGHPUT.findall(cuda_line) == [("61.20", "1.25")]
+
+
+def test_no_host_sync_in_an_iteration_that_does_not_log(tmp_path, toy_paired, monkeypatch):
+    """benchmark.py count: an iteration of every script reads no tensor value from Python (a
+    host sync, which would make the CPU wait for the GPU), and does the work it should."""
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    import argparse
+    import benchmark
+    monkeypatch.setenv("NO_PROGRESS", "1")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    args = argparse.Namespace(data=str(toy_paired), size=64, scripts=None)
+    rows, _ = benchmark.count(args, tmp_path, tmp_path / "count.log")
+    assert len(rows) == 7
+    for row in rows:
+        assert row["syncs"] == 0, row
+        assert row["ops"] > 300 and row["gflop"] > 0.1, row  # it did train (toy widths: 16 channels)
