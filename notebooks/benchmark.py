@@ -195,7 +195,12 @@ def plot_losses(curves, keys, path, window):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.8))
+    cols = 4
+    rows_ = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3 * cols, 2.4 * rows_), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(keys):]:
+        ax.axis("off")
     for ax, k in zip(axes, keys):
         for name, rows in curves.items():
             values = [r[k] for r in rows]
@@ -205,7 +210,7 @@ def plot_losses(curves, keys, path, window):
         ax.set_title(k), ax.set_xlabel("iteration")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
