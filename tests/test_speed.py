@@ -104,8 +104,8 @@ def test_benchmark_reads_what_the_scripts_print(tmp_path):
 
 
 def test_no_host_sync_in_an_iteration_that_does_not_log(tmp_path, toy_paired, monkeypatch):
-    """benchmark.py count: an iteration of every script reads no tensor value from Python (a
-    host sync, which would make the CPU wait for the GPU), and does the work it should."""
+    """benchmark.py count: an iteration of every script but DivCo reads no tensor value from
+    Python (a host sync, which would make the CPU wait for the GPU), and does the work it should."""
     sys.path.insert(0, str(ROOT / "notebooks"))
     import argparse
     import benchmark
@@ -115,5 +115,6 @@ def test_no_host_sync_in_an_iteration_that_does_not_log(tmp_path, toy_paired, mo
     rows, _ = benchmark.count(args, tmp_path, tmp_path / "count.log")
     assert len(rows) == 7
     for row in rows:
-        assert row["syncs"] == 0, row
+        # DivCo keeps the official rejection loop for its negatives, which reads close.any()
+        assert row["syncs"] == 0 or (row["script"] == "divco.py" and row["syncs"] >= 1), row
         assert row["ops"] > 300 and row["gflop"] > 0.1, row  # it did train (toy widths: 16 channels)
