@@ -320,11 +320,6 @@ def to_uint8(img, channels):
     return x.view(img.height, img.width, channels).permute(2, 0, 1)
 
 
-def to_tensor(img, channels):
-    """PIL image -> float tensor in [-1, 1] with 1 (grayscale) or 3 channels."""
-    return to_uint8(img, channels).float() / 127.5 - 1.0
-
-
 def crop_flip(x, crop_size, params):
     """uint8 image (C, S, S) -> float crop in [-1, 1]; params (x, y, flip), or None for the whole
     image. Plain tensor ops, so they run where the image is (on the GPU for a data set kept there)."""
@@ -346,7 +341,7 @@ class ImageFolderBase(torch.utils.data.Dataset):
 
     def __init__(self, load_size, crop_size, train, seed):
         self.load_size, self.crop_size, self.train, self.seed, self.epoch = load_size, crop_size, train, seed, 0
-        self.cache = None  # side -> list of decoded uint8 images, when kept in memory
+        self.cache = None  # when kept in memory: side -> [(decoded uint8 image(s), path)] by index
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -816,8 +811,7 @@ def adam(nets, lr, betas=(0.5, 0.999), weight_decay=0.0):
     """One Adam optimizer over the parameters of a network or a list of networks."""
     params = [p for net in (nets if isinstance(nets, (list, tuple)) else [nets]) for p in net.parameters()]
     # Speed: on the GPU, fused Adam updates all parameters in a few kernels instead of several per tensor.
-    fused = params[0].is_cuda
-    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=params[0].is_cuda)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -991,6 +985,12 @@ class LossLog:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def read_losses(path):
+    """A losses.csv written by LossLog -> one dict per logged iteration, values as floats."""
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def progress(total, initial=0, desc="train"):

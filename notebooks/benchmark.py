@@ -1,8 +1,8 @@
 """Throughput of the seven scripts, and whether the fast flags train the same (README, 'Speed').
 
 Runs each script as a user would, with --max-iters, and reads the images/s and peak GPU memory
-that it prints after its warm-up iterations. Three parts, each writing a Markdown table and the
-raw numbers (results.json) to --out:
+that it prints after its warm-up iterations. Four parts, each writing a Markdown table
+(<part>.md), the raw numbers (<part>.json) and the scripts' output (<part>.log) to --out:
 
     python notebooks/benchmark.py table   --data datasets/facades   # 7 scripts, default and fast flags
     python notebooks/benchmark.py scaling --data datasets/facades   # bicyclegan.py: batch size, resolution
@@ -14,7 +14,6 @@ CycleGAN and MUNIT, 2 for the BicycleGAN family and DivCo). --iters stays below 
 (200 batches of facades at batch 2), so no epoch-end preview enters the timing.
 """
 import argparse
-import csv
 import json
 import os
 import re
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 
 # script -> (official batch size, the official throughput on one H100 in images/s, reference §8)
 SCRIPTS = {
@@ -110,8 +111,6 @@ def count(args, out, log):
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
-    sys.path.insert(0, str(ROOT))
-    import common
 
     class CountOps(TorchDispatchMode):
         def __init__(self):
@@ -161,52 +160,55 @@ def count(args, out, log):
     return rows, lines
 
 
-def read_losses(path):
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def losses(args, out, log):
-    """fp32 seed 0, fp32 seed 1 (the run-to-run noise) and the fast flags, seed 0: mean of each loss
-    over windows of iterations, and the gap of each run to fp32 seed 0."""
+    """fp32 seed 0, fp32 seed 1 (the run-to-run spread) and the fast flags, seed 0: the mean of
+    each loss over windows of iterations, and for each loss the largest gap between window means
+    of the fast run and fp32 seed 0, next to the same gap between the two fp32 seeds."""
     script = args.scripts[0] if args.scripts else "bicyclegan.py"
     base = ["--dataset", args.data, "--max-iters", args.iters, "--log-every", 1, *size_flags(args.size)]
     runs = {"fp32, seed 0": ["--seed", 0], "fp32, seed 1": ["--seed", 1], "fast flags, seed 0": ["--seed", 0, *FAST]}
     curves = {}
     for i, (name, flags) in enumerate(runs.items()):
-        folder = out / f"losses_{i}"
-        run(script, base + flags, folder, log)
-        curves[name] = read_losses(folder / "losses.csv")
+        run(script, base + flags, out / f"losses_{i}", log)
+        curves[name] = common.read_losses(out / f"losses_{i}" / "losses.csv")
     keys = [k for k in curves["fp32, seed 0"][0] if k not in ("step", "epoch", "lr")]
     window = max(1, args.iters // 5)
-    lines = [f"| run | iterations | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     rows = []
-    for name, rows_ in curves.items():
-        for start in range(0, len(rows_), window):
-            part = rows_[start:start + window]
-            means = {k: sum(r[k] for r in part) / len(part) for k in keys}
-            rows.append({"run": name, "from": start + 1, "to": start + len(part)} | means)
-            lines.append(f"| {name} | {start + 1}-{start + len(part)} | " + " | ".join(f"{means[k]:.4g}" for k in keys) + " |")
+    for name, curve in curves.items():
+        for start in range(0, len(curve), window):
+            part = curve[start:start + window]
+            rows.append({"run": name, "from": start + 1, "to": start + len(part)}
+                        | {k: sum(r[k] for r in part) / len(part) for k in keys})
+    lines = ["| run | iterations | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [f"| {r['run']} | {r['from']}-{r['to']} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |" for r in rows]
+
+    def largest_gap(name, k):
+        pairs = zip([r for r in rows if r["run"] == name], [r for r in rows if r["run"] == "fp32, seed 0"])
+        return max(abs(a[k] - b[k]) for a, b in pairs)
+
+    lines += ["", f"| loss (mean over {window}-iteration windows) | largest gap, fast flags vs fp32 (seed 0) "
+              "| largest gap, fp32 seed 1 vs seed 0 |", "|---|---|---|"]
+    lines += [f"| {k} | {largest_gap('fast flags, seed 0', k):.3f} | {largest_gap('fp32, seed 1', k):.3f} |"
+              for k in keys]
     plot_losses(curves, keys, out / "losses.png", window)
     return rows, lines
 
 
 def plot_losses(curves, keys, path, window):
+    """One panel per loss, each curve a running mean over the last window // 2 + 1 iterations."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cols = 4
-    rows_ = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(3 * cols, 2.4 * rows_), squeeze=False)
+    cols, n_rows = 4, -(-len(keys) // 4)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3 * cols, 2.4 * n_rows), squeeze=False)
     axes = axes.flatten()
     for ax in axes[len(keys):]:
         ax.axis("off")
     for ax, k in zip(axes, keys):
-        for name, rows in curves.items():
-            values = [r[k] for r in rows]
-            smooth = [sum(values[max(0, i - window // 2):i + 1]) / len(values[max(0, i - window // 2):i + 1])
-                      for i in range(len(values))]
-            ax.plot(range(1, len(values) + 1), smooth, label=name, lw=1)
+        for name, curve in curves.items():
+            values = [r[k] for r in curve]
+            recent = [values[max(0, i - window // 2):i + 1] for i in range(len(values))]
+            ax.plot(range(1, len(values) + 1), [sum(v) / len(v) for v in recent], label=name, lw=1)
         ax.set_title(k), ax.set_xlabel("iteration")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -4,7 +4,6 @@ On the CPU these check equality, not speed: the data kept in memory gives the ve
 channels-last and torch.compile the same losses up to float rounding (and compile's own dropout
 masks), bf16 autocast the same losses within its precision. Speed itself is measured on a GPU
 (README, 'Speed')."""
-import csv
 import sys
 
 import pytest
@@ -55,11 +54,6 @@ def test_adam_over_several_networks():
     assert not opt.defaults["fused"]  # fused only for CUDA parameters
 
 
-def losses(path):
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def close(run, reference, rel, keys):
     for row, ref in zip(run, reference, strict=True):
         for k in keys:
@@ -73,20 +67,20 @@ def test_speed_flags_give_the_same_losses(tmp_path):
     for name, extra in [("plain", []), ("no_cache", ["--no-cache"]), ("nhwc", ["--channels-last"]),
                         ("amp", ["--amp", "--channels-last"])]:
         run_script("bicyclegan.py", *FLAGS, "--out", name, *extra, cwd=tmp_path)
-    plain = losses(tmp_path / "plain" / "losses.csv")
-    assert losses(tmp_path / "no_cache" / "losses.csv") == plain  # the same tensors, bit for bit
+    plain = common.read_losses(tmp_path / "plain" / "losses.csv")
+    assert common.read_losses(tmp_path / "no_cache" / "losses.csv") == plain  # the same tensors, bit for bit
     keys = ["G_GAN", "G_GAN2", "G_L1", "z_L1", "D", "D2"]
-    close(losses(tmp_path / "nhwc" / "losses.csv"), plain, 1e-3, keys)  # other kernels, float32
-    close(losses(tmp_path / "amp" / "losses.csv")[:2], plain[:2], 1e-2, keys)  # bf16: about 3 digits
+    close(common.read_losses(tmp_path / "nhwc" / "losses.csv"), plain, 1e-3, keys)  # other kernels, float32
+    close(common.read_losses(tmp_path / "amp" / "losses.csv")[:2], plain[:2], 1e-2, keys)  # bf16: about 3 digits
 
 
 def test_compile_gives_the_same_losses(tmp_path):
     """torch.compile (CPU here: needs a C compiler, takes about a minute) trains and saves plain
-    checkpoints. Its dropout draws other masks, so the losses agree to about 1 %."""
+    checkpoints. Its dropout draws other masks, so the losses agree to within 2 %."""
     run_script("pix2pix_noise.py", *FLAGS, "--out", "plain", cwd=tmp_path)
     run_script("pix2pix_noise.py", *FLAGS, "--out", "compiled", "--compile", cwd=tmp_path)
-    close(losses(tmp_path / "compiled" / "losses.csv"), losses(tmp_path / "plain" / "losses.csv"), 2e-2,
-          ["G_GAN", "G_L1", "D"])
+    compiled, plain = (common.read_losses(tmp_path / name / "losses.csv") for name in ("compiled", "plain"))
+    close(compiled, plain, 2e-2, ["G_GAN", "G_L1", "D"])
     state = torch.load(tmp_path / "compiled" / "latest.pt", weights_only=False)
     assert not any("_orig_mod" in k for k in state["netG"])  # loadable without compiling
     run_script("pix2pix_noise.py", "--quick", "--test", "--out", "compiled", cwd=tmp_path)
