@@ -320,6 +320,11 @@ def to_uint8(img, channels):
     return x.view(img.height, img.width, channels).permute(2, 0, 1)
 
 
+def to_tensor(img, channels):
+    """PIL image -> float tensor in [-1, 1] with 1 (grayscale) or 3 channels."""
+    return to_uint8(img, channels).float() / 127.5 - 1.0
+
+
 def crop_flip(x, crop_size, params):
     """uint8 image (C, S, S) -> float crop in [-1, 1]; params (x, y, flip), or None for the whole
     image. Plain tensor ops, so they run where the image is (on the GPU for a data set kept there)."""
