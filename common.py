@@ -668,15 +668,15 @@ class ResNetEncoder(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """E_CNN: n_layers conv4 s2 (64 -> 128 -> 192 -> 256 ...), LeakyReLU, global average pool,
-    linear heads for mu and logvar."""
+    """E_CNN: n_layers conv4 s2 (official nf_mult = min(2^n, 4): 64 -> 128 -> 256 -> 256 -> 256),
+    LeakyReLU, global average pool (official: 8x8 at 256 px), linear heads for mu and logvar."""
 
     def __init__(self, input_nc=3, nz=8, nef=64, n_layers=5, norm="instance"):
         super().__init__()
         Norm = norm_layer(norm)
         layers, c = [nn.Conv2d(input_nc, nef, 4, 2, 1), nn.LeakyReLU(0.2, True)], nef
         for n in range(1, n_layers):
-            c_next = nef * min(n + 1, 4)
+            c_next = nef * min(2 ** n, 4)
             layers += [nn.Conv2d(c, c_next, 4, 2, 1), Norm(c_next), nn.LeakyReLU(0.2, True)]
             c = c_next
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]

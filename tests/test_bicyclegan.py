@@ -18,9 +18,19 @@ def test_kl_by_hand():
     logvar = torch.tensor([[0.0, math.log(2.0)]])
     # -1/2 [(1 + 0 - 1 - 1) + (1 + ln 2 - 0 - 2)] = 1 - ln(2) / 2
     assert bicyclegan.kl_loss(mu, logvar).item() == pytest.approx(1 - math.log(2) / 2)
-    # summed over the batch, not averaged
+    # summed over the batch it is given (the encoded half), not averaged: official code
     assert bicyclegan.kl_loss(mu.repeat(3, 1), logvar.repeat(3, 1)).item() == pytest.approx(3 * (1 - math.log(2) / 2))
     assert bicyclegan.kl_loss(torch.zeros(4, 8), torch.zeros(4, 8)).item() == 0.0  # E(B) = N(0, I)
+
+
+def test_encoder_widths_match_the_official():
+    """Official networks.py: E_NLayers (conv_256) nf_mult = min(2^n, 4); E_ResNet (resnet_256)
+    ndf * min(4, n + 1) out of each of its four blocks."""
+    cnn, resnet = common.ConvEncoder(nef=64), common.ResNetEncoder(nef=64)
+    assert [m.out_channels for m in cnn.features if isinstance(m, torch.nn.Conv2d)] == [64, 128, 256, 256, 256]
+    assert [resnet.features[0].out_channels] + [b.shortcut[1].out_channels for b in resnet.features[1:5]] == \
+        [64, 128, 192, 256, 256]
+    assert cnn.fc_mu.in_features == resnet.fc_mu.in_features == 256
 
 
 def test_l1_terms_by_hand():
