@@ -32,6 +32,8 @@ Deviations:
 - From the paper: batch 2 split in halves, as the official code does (the paper uses batch 1).
 - From the official code: E has an adaptive average pool so that it takes any image size; the
   latent term's E(G(A, z)) is computed after E is frozen, so no gradient of it can reach E.
+- As the official code: the KL is summed over the encoded half-batch (and z's dimensions) while
+  the L1 and GAN terms are means, so its weight grows with --batch-size (one image at batch 2).
 - Test images are resized to the crop size (the official maps test uses 512 px: pass
   --crop-size 512 --load-size 512 to match).
 
@@ -120,8 +122,8 @@ def reparameterize(mu, logvar):
 
 
 def kl_loss(mu, logvar):
-    # Eq. (5): L_KL = D_KL(E(B) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)),
-    # summed over the batch and the latent dimensions (official code)
+    # Eq. (5): L_KL = D_KL(E(B) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)), summed over
+    # the latent dimensions and the encoded half-batch (one image at batch 2), as the official code
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
 
@@ -157,6 +159,7 @@ def train_step(nets, optims, real_A, real_B, args):
     common.set_requires_grad([netD, netD2], False)
     opt_G.zero_grad(set_to_none=True)
     opt_E.zero_grad(set_to_none=True)
+    # The paper writes Eqs. (4) and (1) with D(A, B); §4 and the official code use an unconditional D
     # Eq. (4): L_GAN^VAE = E[log D(B)] + E[log(1 - D(G(A, E(B))))]   (LSGAN form, G's side)
     loss_G_GAN = common.gan_loss(netD(fake_B_encoded), True, args.gan_mode)
     # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (second D, G's side)

@@ -134,6 +134,7 @@ def train_step(nets, optims, real_A, real_B, args):
     common.set_requires_grad(netD, False)
     opt_G.zero_grad(set_to_none=True)
     opt_E.zero_grad(set_to_none=True)
+    # The paper writes Eq. (1) with D(A, B); §4 and the official code use an unconditional D:
     # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (LSGAN form, G's side)
     loss_G_GAN = common.gan_loss(netD(fake_B_random), True, args.gan_mode)
     # Eq. (7), G and E: E is NOT frozen here (unlike bicyclegan.py): it has no other term to learn from

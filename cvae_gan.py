@@ -32,6 +32,9 @@ Deviations:
   step of bicyclegan.py; here both images go through the one branch (bicyclegan.py gives it half).
 - From the official code: E has an adaptive average pool so that it takes any image size. With
   --deterministic E keeps its logvar head (unused) so that both variants share one layout.
+- KL reduction: per image (summed over z's dimensions, averaged over the batch). The official
+  code sums it over the encoded half-batch, one image at its batch 2; here the whole batch is
+  encoded, so a sum would double lambda_KL against it (and against bicyclegan.py) at batch 2.
 - Test samples draw z from the prior, as the paper does for every method (for cAE-GAN, too,
   though its E(B) need not look like N(0, I)); encoded.png uses z = mu of E(B).
 
@@ -123,9 +126,10 @@ def encode(netE, real_B, deterministic):
 
 
 def kl_loss(mu, logvar):
-    # Eq. (5): L_KL = D_KL(E(B) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)),
-    # summed over the batch and the latent dimensions (official code)
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    # Eq. (5): L_KL = E_B[D_KL(E(B) || N(0, I))], D_KL = -1/2 sum(1 + logvar - mu^2 - exp(logvar)):
+    # summed over the latent dimensions, averaged over the batch. The official code sums over its
+    # encoded half-batch, one image at batch 2: the same value as here at batch 2.
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1).mean()
 
 
 def image_l1(fake_B, real_B):
@@ -148,6 +152,7 @@ def train_step(nets, optims, real_A, real_B, args):
     common.set_requires_grad(netD, False)
     opt_G.zero_grad(set_to_none=True)
     opt_E.zero_grad(set_to_none=True)
+    # The paper writes Eq. (4) with D(A, B); §4 and the official code use an unconditional D:
     # Eq. (4): L_GAN^VAE = E[log D(B)] + E[log(1 - D(G(A, E(B))))]   (LSGAN form, G's side)
     loss_G_GAN = common.gan_loss(netD(fake_B_encoded), True, args.gan_mode)
     loss_G_L1 = args.lambda_l1 * image_l1(fake_B_encoded, real_B)

@@ -22,8 +22,11 @@ Symbols (paper -> code):
     D                    netD (two scales; sees B only, or A||B with --pix2pix-original)
     lambda               --lambda-l1 10 (paper §4; 100 with --pix2pix-original, pix2pix paper)
 
-Update order, per batch: the whole batch goes through G with one z per image; one backward of
-GAN + L1 through G and one step of G; then D on the detached fake.
+Update order, per batch, as in both official pix2pix codes (pytorch-CycleGAN-and-pix2pix and the
+pix2pix model of the BicycleGAN repository): the whole batch goes through G with one z per image;
+first D on the detached fake, then one backward of GAN + L1 through G against the updated D and
+one step of G. This is the one update order that differs from the other three paired scripts,
+which follow the BicycleGAN model (G and E first, then D).
 
 Deviations:
 - From the paper: LSGAN and a D that does not see A, as the paper's §4 does for all its methods
@@ -123,7 +126,7 @@ def image_l1(fake_B, real_B):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Training step: forward, G update, then D
+# 5. Training step: forward, D update, then G (official pix2pix order)
 # ---------------------------------------------------------------------------------------------
 def train_step(nets, optims, real_A, real_B, args):
     netG, netD = nets
@@ -133,18 +136,11 @@ def train_step(nets, optims, real_A, real_B, args):
     z_random = torch.randn(real_A.size(0), args.nz, device=real_A.device)
     fake_B_random = netG(real_A, z_random)
 
-    # G update. D is frozen so that G's GAN term does not fill its gradients.
-    common.set_requires_grad(netD, False)
-    opt_G.zero_grad(set_to_none=True)
-    # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (LSGAN form by default, G's side)
-    loss_G_GAN = common.gan_loss(netD(d_input(real_A, fake_B_random, args)), True, args.gan_mode)
-    loss_G_L1 = args.lambda_l1 * image_l1(fake_B_random, real_B)
-    # Eq. (3): G* = arg min_G max_D L_GAN + lambda L1_image
-    (loss_G_GAN + loss_G_L1).backward()
-    opt_G.step()
-
-    # D update (Eq. (1)): real + fake, on the detached fake, no 1/2 (official BicycleGAN);
-    # the original pix2pix halves it so that D learns at half G's rate
+    # D update first, as both official pix2pix codes: real + fake, on the detached fake, no 1/2
+    # (official BicycleGAN; the original pix2pix halves it so that D learns at half G's rate).
+    # The paper writes Eq. (1) with D(A, B); §4 and the official BicycleGAN code use an unconditional
+    # D (d_input: B alone; A||B with --pix2pix-original, as pix2pix).
+    # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (LSGAN form by default)
     common.set_requires_grad(netD, True)
     opt_D.zero_grad(set_to_none=True)
     loss_D = (common.gan_loss(netD(d_input(real_A, real_B, args)), True, args.gan_mode)
@@ -153,6 +149,17 @@ def train_step(nets, optims, real_A, real_B, args):
         loss_D = 0.5 * loss_D
     loss_D.backward()
     opt_D.step()
+
+    # G update, against the D just updated. D is frozen so that G's GAN term does not fill its gradients.
+    common.set_requires_grad(netD, False)
+    opt_G.zero_grad(set_to_none=True)
+    # Eq. (1), G's side: G wants D(G(A, z)) judged real
+    loss_G_GAN = common.gan_loss(netD(d_input(real_A, fake_B_random, args)), True, args.gan_mode)
+    loss_G_L1 = args.lambda_l1 * image_l1(fake_B_random, real_B)
+    # Eq. (3): G* = arg min_G max_D L_GAN + lambda L1_image
+    (loss_G_GAN + loss_G_L1).backward()
+    opt_G.step()
+    common.set_requires_grad(netD, True)  # leave D trainable after the step, as the other scripts do
     return {"G_GAN": loss_G_GAN, "G_L1": loss_G_L1, "D": loss_D}
 
 

@@ -101,8 +101,9 @@ def test_cvae_gan_losses_by_hand(deterministic):
     mu, logvar = [0.5, -1.0], [0.0, math.log(2.0)]
     netG, netE, netD = ConstG(-0.5), ConstE(mu, logvar), ConstD(0.3)
     losses, _ = stub_step(cvae_gan, [netG, netE, netD], ["--nz", "2"] + ["--deterministic"] * deterministic)
-    # KL(N(m, s^2) || N(0, 1)) = (s^2 + m^2 - 1 - ln s^2) / 2 per dimension, summed over 2 images
-    kl = 2 * sum((math.exp(lv) + m * m - 1 - lv) / 2 for m, lv in zip(mu, logvar))
+    # KL(N(m, s^2) || N(0, 1)) = (s^2 + m^2 - 1 - ln s^2) / 2 per dimension, summed over the
+    # dimensions and averaged over the 2 images (both images here are the same, so: one image's KL)
+    kl = sum((math.exp(lv) + m * m - 1 - lv) / 2 for m, lv in zip(mu, logvar))
     assert losses["kl"] == pytest.approx(0.0 if deterministic else 0.01 * kl)
     assert losses["G_L1"] == pytest.approx(10 * 0.5)
     assert losses["G_GAN"] == pytest.approx(2 * (0.3 - 1) ** 2)
@@ -110,6 +111,19 @@ def test_cvae_gan_losses_by_hand(deterministic):
     assert torch.equal(netE.seen, torch.zeros(2, 3, 8, 8))  # E reads the real B
     z_is_mu = torch.equal(netG.z, torch.tensor([mu, mu]))
     assert z_is_mu == deterministic  # cAE-GAN: z = E(B); cVAE-GAN: a sample around it
+
+
+def test_cvae_gan_kl_weight_matches_bicyclegan_at_batch_2():
+    """Official code: the KL is summed over the encoded half-batch, one image at batch 2. cvae_gan.py
+    encodes the whole batch, so it averages over images; bicyclegan.py sums over its half."""
+    mu, logvar = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.0, math.log(2.0)]])
+    one = cvae_gan.kl_loss(mu, logvar).item()
+    assert cvae_gan.kl_loss(mu.repeat(3, 1), logvar.repeat(3, 1)).item() == pytest.approx(one)  # mean over images
+    assert bicyclegan.kl_loss(mu.repeat(3, 1), logvar.repeat(3, 1)).item() == pytest.approx(3 * one)  # official sum
+    E = ([0.5, -1.0], [0.0, math.log(2.0)])
+    cvae, _ = stub_step(cvae_gan, [ConstG(-0.5), ConstE(*E), ConstD(0.3)], ["--nz", "2"])
+    bicycle, _ = stub_step(bicyclegan, [ConstG(-0.5), ConstE(*E), ConstD(0.3), ConstD(0.3)], ["--nz", "2"])
+    assert cvae["kl"] == pytest.approx(bicycle["kl"]) == pytest.approx(0.01 * one)  # same weight at batch 2
 
 
 def test_cvae_gan_reparameterize_by_hand():
@@ -178,6 +192,25 @@ def test_cae_gan_is_deterministic_without_kl():
 def test_cvae_gan_kl_reaches_logvar():
     (_, netE, _), losses, _, _ = real_step(cvae_gan, [])
     assert netE.fc_logvar.weight.grad.abs().sum() > 0  # sampling and the KL use logvar
+
+
+@pytest.mark.parametrize("flags", [[], ["--pix2pix-original"]])
+def test_pix2pix_noise_steps_D_before_G(flags):
+    """Both official pix2pix codes: D's step first (on the detached fake), then G's, whose GAN term
+    reads the D just updated."""
+    args = pix2pix_noise.parse_args(["--crop-size", "64", "--ngf", "4", "--ndf", "4"] + flags)
+    torch.manual_seed(0)
+    netG, netD = pix2pix_noise.build_networks(args, torch.device("cpu"))
+    opt_G, opt_D = common.adam(netG, args.lr), common.adam(netD, args.lr)
+    events = []
+    opt_G.register_step_post_hook(lambda *_: events.append("step G"))
+    opt_D.register_step_post_hook(lambda *_: events.append("step D"))
+    netD.register_forward_hook(lambda net, *_: events.append("D for D" if next(net.parameters()).requires_grad
+                                                             else "D for G"))
+    real_A, real_B = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    pix2pix_noise.train_step([netG, netD], [opt_G, opt_D], real_A, real_B, args)
+    assert events == ["D for D", "D for D", "step D", "D for G", "step G"]
+    assert all(p.requires_grad for p in netD.parameters())  # D trainable again after the step
 
 
 def test_pix2pix_noise_has_no_encoder():
