@@ -38,6 +38,8 @@ Deviations:
   epoch is one pass over max(|A|, |B|) images, the run lasts --epochs + --epochs-decay epochs (both
   plain: there is no linear decay) or --max-iters iterations, whichever ends first, and the lr is
   halved every --step-size iterations. For the paper's schedule: --max-iters 1000000 and enough epochs.
+- Data as the official configs: edges2shoes / edges2handbags edges are read as 3 channels at
+  256 px with no larger load (the paired scripts read them as 1 channel; --input-nc 1 for that).
 - Test: A -> B only, --n-samples prior styles per input (10, as the paper), --sync to share them
   across inputs, or --style IMAGE for example-guided outputs (the style of a real B image).
 
@@ -102,6 +104,10 @@ def parse_args(argv=None):
     p.add_argument("--sync", action="store_true", help="use the same styles for every test input")
     p.add_argument("--style", help="test: an image of domain B whose style (from B's style encoder) every output takes")
     args = common.parse_with_quick(p, argv, ngf=16, ndf=16, mlp_dim=32, num_workers=0)
+    # Official configs (edges2shoes/edges2handbags_folder.yaml): edges as 3 channels, new_size 256 and
+    # a 256 crop, no larger load. Only the channels differ from the paired defaults (1 channel).
+    if Path(args.dataset).name in ("edges2shoes", "edges2handbags") and args.input_nc is None:
+        args.input_nc = 3
     common.resolve_options(args, layout="unpaired")
     if args.crop_size % 4 or args.crop_size < 64:
         common.fail(f"--crop-size {args.crop_size} does not fit MUNIT's nets: use a multiple of 4 of at least 64 "

@@ -66,6 +66,16 @@ def test_too_small_crop_is_one_sentence(tmp_path):
     assert result.returncode == 1 and "crop-size 32" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_edges_data_take_the_official_munit_options():
+    """configs/edges2*_folder.yaml: 3-channel edges, new_size 256 and a 256 crop (no larger load),
+    where the paired scripts read the edges as 1 channel. An explicit flag still wins."""
+    for name in ("edges2shoes", "edges2handbags", "some/folder/edges2shoes"):
+        args = munit.parse_args(["--dataset", name])
+        assert (args.input_nc, args.output_nc, args.load_size, args.crop_size) == (3, 3, 256, 256), name
+    assert munit.parse_args(["--dataset", "edges2shoes", "--input-nc", "1"]).input_nc == 1
+    assert munit.parse_args(["--dataset", "horse2zebra"]).input_nc == 3
+
+
 # --- Networks --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def nets():
