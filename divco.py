@@ -23,7 +23,7 @@ Symbols (paper -> code):
     y (condition), x     real_A, real_B
     z, z+, z-_j          z_random, z_pos, z_neg (shape (n, N, nz))
     x^, x^+, x^-_j       fake_B_random, fake_B_pos, fake_B_neg
-    f, f+, f-_j          mu of netE on those images, L2-normalised (--no-normalize: raw)
+    f, f+, f-_j          mu of netE on those images, raw (official default; --featnorm: L2-normalised)
     N, R, tau            --num-negatives 10, --radius 0.01, --tau 1.0 (official code)
     lambda_contra        --lambda-contra 0.3 (official paired variant)
     lambda_opt           --lambda-l1 10 (BicycleGAN's lambda; paired: image L1, unpaired: cycle L1)
@@ -35,14 +35,17 @@ z+ = z + U(-R, R) per coordinate, and each z- is a fresh N(0, I) draw, drawn aga
 its coordinates lies within R of the query's.
 
 --diversity-loss picks the term on top of the same base: contrastive (DivCo), mode-seeking (MSGAN,
-arXiv:1903.05628: minimise 1 / (mean|G(A,z1) - G(A,z2)| / mean|z1 - z2| + 1e-5), --lambda-ms 1)
-or none (the plain base, cVAE-GAN++), so the three can be compared with everything else equal.
+arXiv:1903.05628: minimise 1 / (mean|G(A,z1) - G(A,z2)| / mean|z1 - z2| + 1e-5), --lambda-ms 1;
+both fakes face the random branch's D, as in its official code) or none (the plain base,
+cVAE-GAN++), so the three can be compared with everything else equal.
 
 Deviations:
 - From the official code: the contrastive loss is backpropagated into G (the released paired code
-  computes it and never calls backward on it); it is averaged over queries, not summed;
-  features are L2-normalised by default as the paper says (official default: off). Caveat: while
-  E maps all fakes to one direction, normalised f are equal and L_contra = log(N+1) with no gradient.
+  computes it and never calls backward on it); it is averaged over queries, not summed (the same
+  at batch 2, one query).
+- From the paper: raw features by default, as the official code (featnorm off); --featnorm
+  L2-normalises them as the paper's text does. Then, with tau = 1, every logit lies in [-1, 1], so
+  L_contra stays in [ln(1 + N e^-2), ln(1 + N e^2)] = [0.86, 4.3] and sits near ln(N + 1) = 2.40.
 - From the paper: E is BicycleGAN's latent encoder (mean head), held fixed for this term, not
   G's own encoding layers (the official paired code does the same).
 - Unpaired setting, designed here (the official unpaired variant is DRIT): no E(B) -> G -> B path,
@@ -100,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--num-negatives", type=int, default=10, help="N negatives per query (official: 10)")
     p.add_argument("--radius", type=float, default=0.01, help="R of the latent augmentation (official: 0.01)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature (official: 1.0)")
-    p.add_argument("--no-normalize", action="store_true", help="raw features (official default) instead of L2-normalised")
+    p.add_argument("--featnorm", action="store_true", help="L2-normalised features (paper's text; official: off)")
     p.add_argument("--lambda-ms", type=float, default=1.0, help="weight of the mode-seeking term (MSGAN: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -157,8 +160,8 @@ def reparameterize(mu, logvar):
 
 
 def kl_loss(mu, logvar):
-    # Eq. (5): L_KL = D_KL(E(B) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)),
-    # summed over the batch and the latent dimensions (official code)
+    # Eq. (5): L_KL = D_KL(E(B) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)), summed over
+    # the latent dimensions and the encoded half-batch (one image at batch 2), as the official code
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
 
@@ -187,8 +190,9 @@ def latent_augment(z, num_negatives, radius):
     return z_pos, z_neg
 
 
-def contrastive_loss(f, f_pos, f_neg, tau=1.0, normalize=True):
-    """f, f_pos: (n, d); f_neg: (n, N, d). Mean over the n queries."""
+def contrastive_loss(f, f_pos, f_neg, tau=1.0, normalize=False):
+    """f, f_pos: (n, d); f_neg: (n, N, d). Mean over the n queries. Raw features by default
+    (official code); normalize=True (--featnorm) for the paper's normalised ones."""
     if normalize:  # DivCo §3: <.,.> is the inner product of normalised features
         f, f_pos, f_neg = F.normalize(f, dim=-1), F.normalize(f_pos, dim=-1), F.normalize(f_neg, dim=-1)
     # DivCo §3, latent-augmented contrastive loss:
@@ -204,7 +208,8 @@ def mode_seeking_loss(fake_1, fake_2, z_1, z_2, eps=1e-5):
 
 
 def diversity_term(netG, netE, real_A, z_random, fake_B_random, args):
-    """The weighted diversity loss of the random branch; it reaches G only."""
+    """The weighted diversity loss of the random branch (it reaches G only), and the extra fakes
+    that face the random branch's D: mode seeking's second fake, none for the others."""
     if args.diversity_loss == "contrastive":
         z_pos, z_neg = latent_augment(z_random, args.num_negatives, args.radius)
         n, N = z_neg.shape[:2]
@@ -214,13 +219,14 @@ def diversity_term(netG, netE, real_A, z_random, fake_B_random, args):
         common.set_requires_grad(netE, False)
         f, _ = netE(torch.cat([fake_B_random, fake_B_pos, fake_B_neg]))
         common.set_requires_grad(netE, True)
-        loss = contrastive_loss(f[:n], f[n:2 * n], f[2 * n:].view(n, N, -1), args.tau, not args.no_normalize)
-        return args.lambda_contra * loss
+        loss = contrastive_loss(f[:n], f[n:2 * n], f[2 * n:].view(n, N, -1), args.tau, args.featnorm)
+        return args.lambda_contra * loss, []
     if args.diversity_loss == "mode-seeking":
         z_random2 = torch.randn_like(z_random)
         fake_B_random2 = netG(real_A, z_random2)
-        return args.lambda_ms * mode_seeking_loss(fake_B_random, fake_B_random2, z_random, z_random2)
-    return torch.zeros((), device=real_A.device)
+        loss = mode_seeking_loss(fake_B_random, fake_B_random2, z_random, z_random2)
+        return args.lambda_ms * loss, [fake_B_random2]
+    return torch.zeros((), device=real_A.device), []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,10 +251,15 @@ def train_step(nets, optims, real_A, real_B, args):
     common.set_requires_grad([netD, netD2], False)
     opt_G.zero_grad(set_to_none=True)
     opt_E.zero_grad(set_to_none=True)
+    # DivCo §3, overall objective: + lambda_contra L_contra, backpropagated into G with the rest
+    # (mode seeking: with a second random fake, which faces D2 too, as in the official MSGAN)
+    loss_div, extra_fakes = diversity_term(netG, netE, real_A_encoded, z_random, fake_B_random, args)
+    fakes_random = [fake_B_random] + extra_fakes
+    # The paper writes Eqs. (4) and (1) with D(A, B); §4 and the official code use an unconditional D
     # Eq. (4): L_GAN^VAE = E[log D(B)] + E[log(1 - D(G(A, E(B))))]   (LSGAN form, G's side)
     loss_G_GAN = common.gan_loss(netD(fake_B_encoded), True, args.gan_mode)
     # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (second D, G's side)
-    loss_G_GAN2 = common.gan_loss(netD2(fake_B_random), True, args.gan_mode)
+    loss_G_GAN2 = sum(common.gan_loss(netD2(fake), True, args.gan_mode) for fake in fakes_random)
     loss_G_L1 = args.lambda_l1 * image_l1(fake_B_encoded, real_B_encoded)
     loss_kl = args.lambda_kl * kl_loss(mu, logvar)
     # Eq. (7), G only (DivCo paired default: lambda_latent = 0, the term vanishes)
@@ -256,13 +267,12 @@ def train_step(nets, optims, real_A, real_B, args):
     mu_random, _ = netE(fake_B_random)
     common.set_requires_grad(netE, True)
     loss_z_L1 = args.lambda_latent * latent_l1(mu_random, z_random)
-    # DivCo §3, overall objective: + lambda_contra L_contra, backpropagated into G with the rest
-    loss_div = diversity_term(netG, netE, real_A_encoded, z_random, fake_B_random, args)
     (loss_G_GAN + loss_G_GAN2 + loss_G_L1 + loss_kl + loss_z_L1 + loss_div).backward()
     opt_E.step()
     opt_G.step()
 
-    # D update (Eq. (4)); D2 update (Eq. (1)): real + fake, on detached fakes, no 1/2 (official)
+    # D update (Eq. (4)); D2 update (Eq. (1)): real + fake, on detached fakes, no 1/2 (official);
+    # D2 once per random fake (mode seeking: the real half counts twice, as in the official MSGAN)
     common.set_requires_grad([netD, netD2], True)
     opt_D.zero_grad(set_to_none=True)
     loss_D = (common.gan_loss(netD(real_B_encoded), True, args.gan_mode)
@@ -270,8 +280,8 @@ def train_step(nets, optims, real_A, real_B, args):
     loss_D.backward()
     opt_D.step()
     opt_D2.zero_grad(set_to_none=True)
-    loss_D2 = (common.gan_loss(netD2(real_B_random), True, args.gan_mode)
-               + common.gan_loss(netD2(fake_B_random.detach()), False, args.gan_mode))
+    loss_D2 = sum(common.gan_loss(netD2(real_B_random), True, args.gan_mode)
+                  + common.gan_loss(netD2(fake.detach()), False, args.gan_mode) for fake in fakes_random)
     loss_D2.backward()
     opt_D2.step()
     return {"G_GAN": loss_G_GAN, "G_GAN2": loss_G_GAN2, "G_L1": loss_G_L1, "kl": loss_kl,
@@ -288,8 +298,10 @@ def train_step_unpaired(nets, optims, real_A, real_B, args):
     common.set_requires_grad(netD, False)
     for opt in (opt_G, opt_E, opt_F):
         opt.zero_grad(set_to_none=True)
-    # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (G's side)
-    loss_G_GAN = common.gan_loss(netD(fake_B_random), True, args.gan_mode)
+    loss_div, extra_fakes = diversity_term(netG, netE, real_A, z_random, fake_B_random, args)
+    fakes_random = [fake_B_random] + extra_fakes  # mode seeking: both fakes face D (official MSGAN)
+    # Eq. (1), written with D(A, B); unconditional here: L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))]
+    loss_G_GAN = sum(common.gan_loss(netD(fake), True, args.gan_mode) for fake in fakes_random)
     # DivCo §3, L_opt for unpaired translation: cycle reconstruction || F(G(A, z)) - A ||_1
     loss_cycle = args.lambda_l1 * (netF(fake_B_random) - real_A).abs().mean()
     # Eq. (7), G only (E frozen), off by default as in the paired variant
@@ -297,7 +309,6 @@ def train_step_unpaired(nets, optims, real_A, real_B, args):
     mu_random, _ = netE(fake_B_random)
     common.set_requires_grad(netE, True)
     loss_z_L1 = args.lambda_latent * latent_l1(mu_random, z_random)
-    loss_div = diversity_term(netG, netE, real_A, z_random, fake_B_random, args)
     (loss_G_GAN + loss_cycle + loss_z_L1 + loss_div).backward()
     # Not in the paper: E learns as a latent regressor, Eq. (7) for E only (detached fake), so that
     # the contrastive features follow z.
@@ -306,11 +317,11 @@ def train_step_unpaired(nets, optims, real_A, real_B, args):
     for opt in (opt_E, opt_G, opt_F):
         opt.step()
 
-    # D update (Eq. (1)): real + fake, on the detached fake
+    # D update (Eq. (1)): real + fake, on the detached fake(s)
     common.set_requires_grad(netD, True)
     opt_D.zero_grad(set_to_none=True)
-    loss_D = (common.gan_loss(netD(real_B), True, args.gan_mode)
-              + common.gan_loss(netD(fake_B_random.detach()), False, args.gan_mode))
+    loss_D = sum(common.gan_loss(netD(real_B), True, args.gan_mode)
+                 + common.gan_loss(netD(fake.detach()), False, args.gan_mode) for fake in fakes_random)
     loss_D.backward()
     opt_D.step()
     return {"G_GAN": loss_G_GAN, "cycle": loss_cycle, "z_L1": loss_z_L1, "E_latent": loss_E,

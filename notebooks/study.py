@@ -6,6 +6,7 @@ it, and gathers the numbers each `--test` writes to metrics.json into a table an
     python notebooks/study.py --jobs 2              # paired methods, each on its toy schedule
     python notebooks/study.py --setting unpaired    # CycleGAN vs MUNIT
     python notebooks/study.py --iters 200 --seeds 0 --width 8 --methods BicycleGAN "pix2pix+noise"   # a taste
+    python notebooks/study.py --seeds 0 1 2 3 --methods DivCo DivCo-featnorm   # raw against normalised features
 
 On the toy data the truth is known: realism = share of samples that are clean toy images (one
 palette colour, background kept), diversity = share of an input's four colour modes its samples
@@ -38,6 +39,11 @@ UNPAIRED = {
     "CycleGAN": ("cyclegan.py", []),
     "MUNIT": ("munit.py", []),
 }
+# Variants run only when named in --methods: DivCo with the paper's L2-normalised features (the
+# default "DivCo" row uses the official raw ones).
+VARIANTS = {
+    "DivCo-featnorm": ("divco.py", ["--featnorm"]),
+}
 
 
 def run(script, flags, log, threads=None):
@@ -61,7 +67,7 @@ def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), re
     width: --ngf/--nef/--ndf for every script (None: the scripts' defaults). jobs: runs at once."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = PAIRED | UNPAIRED
+    table = PAIRED | UNPAIRED | VARIANTS
 
     def one(name, seed):
         script, flags = table[name]

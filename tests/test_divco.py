@@ -5,7 +5,9 @@ import csv
 import json
 import math
 
+import pytest
 import torch
+import torch.nn as nn
 
 import divco
 from conftest import FACADES, needs_facades, run_script
@@ -68,15 +70,86 @@ def test_contrastive_loss_by_hand():
     f_pos = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
     f_neg = torch.tensor([[[0.0, 1.0], [-1.0, 0.0]], [[1.0, 0.0], [0.0, -3.0]]])
     tau = 0.5
-    # normalised: query 1 logits 0.6/0.5, 0, -1/0.5; query 2 logits 1/0.5, 0, -1/0.5
-    q1 = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(0.0) + math.exp(-2.0)))
-    q2 = -math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(0.0) + math.exp(-2.0)))
-    assert math.isclose(divco.contrastive_loss(f, f_pos, f_neg, tau).item(), (q1 + q2) / 2, rel_tol=1e-6)
-    # raw features (--no-normalize): query 1 logits 1.2/0.5, 0, -2/0.5; query 2 logits 2, 0, -6
+    # raw features (the default, official code): query 1 logits 1.2/0.5, 0, -2/0.5; query 2 logits 2, 0, -6
     r1 = -math.log(math.exp(2.4) / (math.exp(2.4) + 1 + math.exp(-4.0)))
     r2 = -math.log(math.exp(2.0) / (math.exp(2.0) + 1 + math.exp(-6.0)))
-    raw = divco.contrastive_loss(f, f_pos, f_neg, tau, normalize=False).item()
-    assert math.isclose(raw, (r1 + r2) / 2, rel_tol=1e-6)
+    assert math.isclose(divco.contrastive_loss(f, f_pos, f_neg, tau).item(), (r1 + r2) / 2, rel_tol=1e-6)
+    # normalised (--featnorm): query 1 logits 0.6/0.5, 0, -1/0.5; query 2 logits 1/0.5, 0, -1/0.5
+    q1 = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(0.0) + math.exp(-2.0)))
+    q2 = -math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(0.0) + math.exp(-2.0)))
+    normalised = divco.contrastive_loss(f, f_pos, f_neg, tau, normalize=True).item()
+    assert math.isclose(normalised, (q1 + q2) / 2, rel_tol=1e-6)
+
+
+# --- stubs whose outputs are known -------------------------------------------------------------
+class CodeG(nn.Module):
+    """G(A, z) = z's first coordinate everywhere; remembers every z it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.calls = nn.Parameter(torch.tensor(1.0)), []
+
+    def forward(self, real_A, z):
+        self.calls.append(z.detach().clone())
+        return (self.w * z[:, :1, None, None]).expand(-1, 3, real_A.size(2), real_A.size(3))
+
+
+class MeanE(nn.Module):
+    """E(x) = (mean(x), 1) as mu (and as logvar): features that normalising changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        mu = torch.stack([self.s * x.mean((1, 2, 3)), torch.ones(len(x))], 1)
+        return mu, mu
+
+
+def test_features_are_raw_by_default_and_normalised_with_featnorm():
+    """The official code leaves featnorm off: f = E(G(A, z)) goes into the loss as it is."""
+    for flags, normalize in (([], False), (["--featnorm"], True)):
+        args = divco.parse_args(["--quick", "--num-negatives", "3", *flags])
+        assert args.featnorm == normalize
+        netG, z_random = CodeG(), torch.randn(2, args.nz)
+        fake_B_random = netG(torch.zeros(2, 3, 4, 4), z_random)
+        loss, extra = divco.diversity_term(netG, MeanE(), torch.zeros(2, 3, 4, 4), z_random, fake_B_random, args)
+        z_pos, z_neg = netG.calls[1], netG.calls[2].view(2, 3, -1)
+        f, f_pos, f_neg = (torch.stack([z[..., 0], torch.ones_like(z[..., 0])], -1) for z in (z_random, z_pos, z_neg))
+        expected = args.lambda_contra * divco.contrastive_loss(f, f_pos, f_neg, args.tau, normalize)
+        other = args.lambda_contra * divco.contrastive_loss(f, f_pos, f_neg, args.tau, not normalize)
+        assert torch.isclose(loss, expected) and not torch.isclose(loss, other) and extra == []
+
+
+class ConstD(nn.Module):
+    """Two 'scales' whose every patch is c; counts its calls."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c, self.calls = nn.Parameter(torch.tensor(c)), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return [self.c.expand(x.size(0), 1, 3, 3), self.c.expand(x.size(0), 1, 2, 2)]
+
+
+@pytest.mark.parametrize("setting", ["paired", "unpaired"])
+def test_mode_seeking_second_fake_faces_D(setting):
+    """Official MSGAN: both fakes get the GAN loss on G's side, and D sees both (the real once per fake)."""
+    one_G = 2 * (0.3 - 1) ** 2  # LSGAN on one fake, summed over D's two scales
+    one_D = 2 * (0.3 - 1) ** 2 + 2 * 0.3 ** 2  # real + fake
+    for loss, fakes in (("mode-seeking", 2), ("none", 1)):
+        args = divco.parse_args(["--quick", "--nz", "2", "--setting", setting, "--diversity-loss", loss])
+        netD_random = ConstD(0.3)
+        if setting == "paired":
+            nets, step, keys = [CodeG(), MeanE(), ConstD(0.3), netD_random], divco.train_step, ("G_GAN2", "D2")
+        else:
+            nets, step, keys = [CodeG(), MeanE(), netD_random, nn.Conv2d(3, 3, 1)], divco.train_step_unpaired, ("G_GAN", "D")
+        optims = [torch.optim.SGD(net.parameters(), lr=0.0) for net in nets]
+        losses = step(nets, optims, torch.rand(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), args)
+        assert losses[keys[0]].item() == pytest.approx(fakes * one_G)
+        assert losses[keys[1]].item() == pytest.approx(fakes * one_D)
+        assert netD_random.calls == 3 * fakes  # G's side once per fake; D's side real + fake per fake
 
 
 def test_latent_augmentation_inside_and_outside_radius():
@@ -108,7 +181,7 @@ def test_contrastive_term_reaches_g_and_not_e():
     args, (netG, netE, _, _) = small_setup()
     real_A, z_random = torch.randn(1, 3, 64, 64), torch.randn(1, args.nz)
     fake_B_random = netG(real_A, z_random)
-    divco.diversity_term(netG, netE, real_A, z_random, fake_B_random, args).backward()
+    divco.diversity_term(netG, netE, real_A, z_random, fake_B_random, args)[0].backward()
     assert all(p.grad is None for p in netE.parameters())
     assert all(p.requires_grad for p in netE.parameters())  # E is unfrozen again afterwards
     assert sum(p.grad.abs().sum() for p in netG.parameters() if p.grad is not None) > 0
