@@ -144,7 +144,8 @@ def test_mode_seeking_second_fake_faces_D(setting):
         if setting == "paired":
             nets, step, keys = [CodeG(), MeanE(), ConstD(0.3), netD_random], divco.train_step, ("G_GAN2", "D2")
         else:
-            nets, step, keys = [CodeG(), MeanE(), netD_random, nn.Conv2d(3, 3, 1)], divco.train_step_unpaired, ("G_GAN", "D")
+            nets, step, keys = [CodeG(), MeanE(), netD_random, nn.Conv2d(3, 3, 1)], divco.train_step_unpaired, \
+                ("G_GAN", "D")
         optims = [torch.optim.SGD(net.parameters(), lr=0.0) for net in nets]
         losses = step(nets, optims, torch.rand(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), args)
         assert losses[keys[0]].item() == pytest.approx(fakes * one_G)
