@@ -347,6 +347,7 @@ class ImageFolderBase(torch.utils.data.Dataset):
     def __init__(self, load_size, crop_size, train, seed):
         self.load_size, self.crop_size, self.train, self.seed, self.epoch = load_size, crop_size, train, seed, 0
         self.cache = None  # when kept in memory: side -> [(decoded uint8 image(s), path)] by index
+        self.device = torch.device("cpu")  # where the batches go: set by common.keep_in_memory
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -513,9 +514,10 @@ def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, num_workers=0
     # A set kept in memory is cropped in this process (on its device); one read from disk is
     # decoded by num_workers processes into pinned memory, for fast copies to the GPU.
     in_memory = getattr(dataset, "cache", None) is not None
+    pinned = getattr(dataset, "device", torch.device("cpu")).type == "cuda"  # pinned only helps copies to a GPU
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=drop_last,
                                        num_workers=0 if in_memory else num_workers,
-                                       pin_memory=torch.cuda.is_available() and not in_memory, generator=generator)
+                                       pin_memory=pinned and not in_memory, generator=generator)
 
 
 def check_trainable(dataset, batch_size):
@@ -733,7 +735,8 @@ class ResnetGenerator(nn.Module):
 class ImagePool:
     """A buffer of up to `size` past fakes for the D update (Shrivastava et al., used by CycleGAN):
     until full, store each new image and return it; then return, with probability 1/2, a stored
-    image (putting the new one in its place), else the new image."""
+    image (putting the new one in its place), else the new image. Stored in float32 and returned
+    in the dtype of the incoming fakes, so a pool filled under --amp (bf16) serves a run without."""
 
     def __init__(self, size=50):
         self.size, self.images = size, []
@@ -746,12 +749,12 @@ class ImagePool:
         for image in images.detach():
             image = image[None]
             if len(self.images) < self.size:
-                self.images.append(image)
+                self.images.append(image.float())
                 chosen.append(image)
             elif random.random() > 0.5:
                 i = random.randrange(self.size)
-                chosen.append(self.images[i].clone())
-                self.images[i] = image
+                chosen.append(self.images[i].to(images.dtype, copy=True))
+                self.images[i] = image.float()
             else:
                 chosen.append(image)
         return torch.cat(chosen, 0)
@@ -760,7 +763,7 @@ class ImagePool:
         return {"size": self.size, "images": [x.cpu() for x in self.images]}
 
     def load_state_dict(self, state):  # kept on the CPU until query() moves them to the images' device
-        self.size, self.images = state["size"], list(state["images"])
+        self.size, self.images = state["size"], [x.float() for x in state["images"]]
 
 
 def set_requires_grad(nets, flag):
@@ -829,9 +832,15 @@ def add_speed_flags(parser):
     g = parser.add_argument_group("speed (see README, 'Speed')")
     g.add_argument("--amp", action="store_true", help="bf16 mixed precision for the training step")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the networks")
-    g.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile the networks with this mode (reduce-overhead adds CUDA graphs); "
-                        "the first iterations compile, which takes minutes")
+    # Not offered: torch.compile's reduce-overhead and max-autotune modes. Both replay CUDA graphs,
+    # whose outputs live in memory that the next call of the same graph overwrites, and these
+    # loops call a network again while earlier outputs are still in use (D on real then on fake,
+    # MUNIT's encode then decode, the image pool's stored fakes).
+    g.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the networks (default mode; max-autotune-no-cudagraphs also tunes "
+                        "kernels); the first iterations compile, which takes minutes. The CUDA-graph modes "
+                        "(reduce-overhead, max-autotune) are not offered: a network is called again while "
+                        "its earlier outputs are still in use, which CUDA graphs overwrite")
     g.add_argument("--no-cache", action="store_true", help="decode the training images from disk every epoch "
                    "instead of once into memory (on the GPU for a CUDA run)")
 
@@ -865,7 +874,9 @@ def mixed_precision(device, enabled):
 
 def keep_in_memory(dataset, device, args):
     """Unless --no-cache: decode the training set once and keep it on the device (see
-    ImageFolderBase.keep_in_memory); crops and flips then run there, and no worker reads files."""
+    ImageFolderBase.keep_in_memory); crops and flips then run there, and no worker reads files.
+    The set also learns the device (epoch_loader pins its batches only for a CUDA run)."""
+    dataset.device = torch.device(device)
     if not args.no_cache:
         dataset.keep_in_memory(device)
     return dataset
@@ -906,10 +917,12 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore rng_state(). torch takes RNG states only as CPU byte tensors, and a checkpoint read
+    with map_location='cuda' (as a CUDA run reads it) holds them on the GPU: bring them back."""
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.to("cpu", torch.uint8) for s in state["cuda"]])
 
 
 def save_checkpoint(path, state):
@@ -947,11 +960,35 @@ def training_state(parts, **progress):
     return {name: part.state_dict() for name, part in parts.items()} | {"rng": rng_state()} | progress
 
 
+def load_optimizer_state(optimizer, state):
+    """Load an optimizer's saved state for the parameters it has now. Each moment takes its
+    parameter's device, dtype and memory layout (the checkpoint may come from a run on another
+    device or with another --channels-last; fused Adam needs all of them to match), and the kernel
+    choice (fused, foreach) stays the one made for these parameters, not the saved run's."""
+    kernels = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
+               for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":  # a float32 scalar: on the parameter's device for fused kernels
+                    optimizer.state[p][key] = value.to(p.device if on_device else "cpu", torch.float32)
+                elif value.shape == p.shape:  # exp_avg, exp_avg_sq: like p in every respect
+                    optimizer.state[p][key] = torch.empty_like(p).copy_(value)
+
+
 def resume(path, device, args, parts):
     """Load a training_state checkpoint into parts and the RNGs; returns (epoch, batch, step)."""
     ckpt = load_checkpoint(path, device, args)
     for name, part in parts.items():
-        part.load_state_dict(ckpt[name])
+        if isinstance(part, torch.optim.Optimizer):
+            load_optimizer_state(part, ckpt[name])
+        else:
+            part.load_state_dict(ckpt[name])
     set_rng_state(ckpt["rng"])
     print(f"resumed from step {ckpt['step']} (epoch {ckpt['epoch']}, batch {ckpt['batch']})")
     return ckpt["epoch"], ckpt["batch"], ckpt["step"]
@@ -1004,33 +1041,47 @@ def progress(total, initial=0, desc="train"):
 
 
 class Throughput:
-    """Images per second, measured after the first `warmup` iterations (CUDA-synchronised)."""
+    """Images per second over the iterations after the first `warmup` (compilation, autotuning)
+    and until stop() (called by the loop after its last iteration, so that the final checkpoint
+    and preview are not timed). On CUDA it synchronises the run's own device and reports that
+    device's peak memory since the end of the warm-up."""
 
     def __init__(self, device, warmup=5):
-        self.device, self.warmup, self.count, self.images, self.start = device, warmup, 0, 0, None
+        self.device, self.warmup, self.count, self.images = torch.device(device), warmup, 0, 0
+        self.start = self.end = None
 
     def step(self, images):
         self.count += 1
         if self.count == self.warmup:
             self._sync()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
             self.start = time.perf_counter()
         elif self.count > self.warmup:
             self.images += images
 
     def _sync(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
+
+    def stop(self):
+        """End the timed window (after the last training iteration)."""
+        if self.end is None:
+            self._sync()
+            self.end = time.perf_counter()
 
     def rate(self):
         if self.start is None or self.images == 0:
             return float("nan")
+        if self.end is not None:
+            return self.images / (self.end - self.start)
         self._sync()
         return self.images / (time.perf_counter() - self.start)
 
     def report(self):
         line = f"throughput: {self.rate():.2f} images/s over {self.images} images after {self.warmup} warm-up iterations"
         if self.device.type == "cuda":
-            line += f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB"
+            line += f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB"
         print(line)
 
 
