@@ -266,6 +266,7 @@ def main(args):
                 bar.set_postfix(values | {"img/s": round(speed.rate(), 1)})
                 log.write({"step": step, "epoch": epoch, "lr": optims[0].param_groups[0]["lr"]} | values)
             if step >= total:
+                speed.stop()  # the timed window ends before the last checkpoint and preview
                 done = True
                 break
         skip = 0

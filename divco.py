@@ -197,7 +197,8 @@ def contrastive_loss(f, f_pos, f_neg, tau=1.0, normalize=False):
         f, f_pos, f_neg = F.normalize(f, dim=-1), F.normalize(f_pos, dim=-1), F.normalize(f_neg, dim=-1)
     # DivCo §3, latent-augmented contrastive loss:
     # L_contra = -log( exp(f.f+ / tau) / (exp(f.f+ / tau) + sum_j exp(f.f-_j / tau)) )
-    logits = torch.cat([(f * f_pos).sum(-1, keepdim=True), torch.einsum("nd,nkd->nk", f, f_neg)], 1) / tau
+    # (products and sums, not einsum, which --amp would run in bf16: all logits stay float32)
+    logits = torch.cat([(f * f_pos).sum(-1, keepdim=True), (f[:, None] * f_neg).sum(-1)], 1) / tau
     return -torch.log_softmax(logits, 1)[:, 0].mean()
 
 
@@ -431,6 +432,7 @@ def main(args):
                 bar.set_postfix(values | {"img/s": round(speed.rate(), 1)})
                 log.write({"step": step, "epoch": epoch, "lr": optims[0].param_groups[0]["lr"]} | values)
             if step >= total:
+                speed.stop()  # the timed window ends before the last checkpoint and preview
                 done = True
                 break
         skip = 0

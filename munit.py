@@ -236,7 +236,7 @@ def build_networks(args, device):
 # 4. Loss terms (every reconstruction is a mean absolute error, as the official recon_criterion)
 # ---------------------------------------------------------------------------------------------
 def recon_loss(output, target):
-    return (output - target).abs().mean()
+    return (output.float() - target.float()).abs().mean()  # float32 also for --amp's bf16 content codes
 
 
 def generator_losses(gen_a, gen_b, dis_a, dis_b, real_A, real_B, style_a_random, style_b_random, args):
@@ -430,6 +430,7 @@ def main(args):
                 bar.set_postfix(values | {"img/s": round(speed.rate(), 1)})
                 log.write({"step": step, "epoch": epoch, "lr": optims[0].param_groups[0]["lr"]} | values)
             if step >= total:
+                speed.stop()  # the timed window ends before the last checkpoint and preview
                 done = True
                 break
         skip = 0
