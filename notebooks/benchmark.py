@@ -1,13 +1,14 @@
 """Throughput of the seven scripts, and whether the fast flags train the same (README, 'Speed').
 
 Runs each script as a user would, with --max-iters, and reads the images/s and peak GPU memory
-that it prints after its warm-up iterations. Four parts, each writing a Markdown table
+that it prints after its warm-up iterations. Five parts, each writing a Markdown table
 (<part>.md), the raw numbers (<part>.json) and the scripts' output (<part>.log) to --out:
 
     python notebooks/benchmark.py table   --data datasets/facades   # 7 scripts, default and fast flags
     python notebooks/benchmark.py scaling --data datasets/facades   # bicyclegan.py: batch size, resolution
     python notebooks/benchmark.py losses  --data datasets/facades   # fp32 vs fast flags, first iterations
     python notebooks/benchmark.py count   --data datasets/facades   # FLOPs and operator calls per iteration (CPU)
+    python notebooks/benchmark.py gpu                               # the whole GPU check, at most 8 minutes
 
 Settings are the paper's: 256 px (load 286), each method's official batch size (1 for pix2pix,
 CycleGAN and MUNIT, 2 for the BicycleGAN family and DivCo). --iters stays below one epoch
@@ -216,23 +217,99 @@ def plot_losses(curves, keys, path, window):
     plt.close(fig)
 
 
+def attempt(script, flags, out, log, timeout):
+    """One run for the gpu part -> {ok, img_s, gib, wall_s}; a run past `timeout` seconds is
+    stopped and counts as failed."""
+    command = [sys.executable, str(ROOT / script), *map(str, flags), *EXTRA, "--out", str(out)]
+    start = time.time()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=max(1, timeout),
+                                env=dict(os.environ, NO_PROGRESS="1", LPIPS="off"))
+        text, ok = result.stdout + result.stderr, result.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        text, ok = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {timeout:.0f} s (the time budget)", False
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(command) + "\n" + text + "\n")
+    found = THROUGHPUT.findall(text) if ok else []  # none when the run had no iteration after warm-up
+    rate, memory = found[-1] if found else (None, None)
+    print(f"{'ok' if ok else 'FAILED'}: {' '.join(command[1:])} ({time.time() - start:.0f} s)", flush=True)
+    return {"ok": ok, "img_s": float(rate) if rate else None, "gib": float(memory) if memory else None,
+            "wall_s": round(time.time() - start, 1)}
+
+
+def gpu(args, out, log):
+    """The whole GPU check in one call, within --budget seconds of wall time (compilation and
+    start-up included; what does not fit is marked 'not run'). On a copy of the data set, per
+    script: train --iters iterations with the default flags; continue that checkpoint (--resume)
+    for --iters more with the fast flags, which also moves it to another layout and precision;
+    --test the result, whose grid.png is copied next to the table. Writes gpu.md: images/s and
+    peak memory of both runs, the official figure, fast / official, and the grids."""
+    import shutil
+    import torch
+    deadline = time.time() + args.budget
+    data = out / "data" / Path(args.data).name  # under --out, so never inside the repository's tracked files
+    if not data.is_dir():
+        shutil.copytree(args.data, data)
+    fast = [f for f in FAST if not (args.no_compile and f == "--compile")]
+    rows = []
+    for script, (batch, official) in SCRIPTS.items():
+        if args.scripts and script not in args.scripts:
+            continue
+        stem, row = Path(script).stem, {"script": script, "batch": batch, "official": official}
+        base = ["--dataset", data, "--batch-size", batch, *size_flags(args.size), "--log-every", args.iters]
+        first, second = out / f"gpu_{stem}_default", out / f"gpu_{stem}_fast"
+        runs = [("default", base + ["--max-iters", args.iters], first),
+                ("fast", base + ["--max-iters", 2 * args.iters, "--resume", "--checkpoint", first / "latest.pt", *fast],
+                 second),
+                ("test", ["--dataset", data, "--test", "--num-test", 8, "--n-samples", 5], second)]
+        for name, flags, folder in runs:
+            left = deadline - time.time()
+            result = attempt(script, flags, folder, log, left) if left > 1 else {"ok": None}
+            row |= {f"{name}_{k}": v for k, v in result.items()}
+            if not result["ok"]:
+                break  # what follows needs this run's checkpoint
+        if row.get("test_ok"):  # test/grid.png (CycleGAN: test/AtoB/grid.png and test/BtoA/grid.png)
+            shutil.copy(sorted((second / "test").rglob("grid.png"))[0], out / f"grid_{stem}.png")
+        rows.append(row)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and "cpu" not in EXTRA else "CPU"
+    lines = [f"{device}, {args.size} px, {args.iters} + {args.iters} iterations per script, fast flags "
+             f"{' '.join(fast)} (the fast run resumes the default run's checkpoint), "
+             f"{time.time() - deadline + args.budget:.0f} s in all.", "",
+             "| script | batch | official img/s | default img/s | peak GiB | fast img/s | peak GiB | fast / official "
+             "| resume | test | samples |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    status = {True: "ok", False: "failed", None: "not run"}
+    for r in rows:
+        ratio = f"{r['fast_img_s'] / r['official']:.2f}x" if r["official"] and r.get("fast_img_s") else ""
+        grid = f"![{r['script']}](grid_{Path(r['script']).stem}.png)" if r.get("test_ok") else ""
+        lines.append(f"| {r['script']} | {r['batch']} | {r['official'] or ''} | {fmt(r.get('default_img_s'))} | "
+                     f"{fmt(r.get('default_gib'), 2)} | {fmt(r.get('fast_img_s'))} | {fmt(r.get('fast_gib'), 2)} | "
+                     f"{ratio} | {status[r.get('fast_ok')]} | {status[r.get('test_ok')]} | {grid} |")
+    return rows, lines
+
+
 def fmt(x, digits=1):
     return "" if x is None else f"{x:.{digits}f}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["table", "scaling", "losses", "count"])
-    p.add_argument("--data", required=True, help="a paired data set folder, e.g. datasets/facades")
-    p.add_argument("--iters", type=int, default=150, help="iterations per run (losses: 300 recommended)")
+    p.add_argument("part", choices=["table", "scaling", "losses", "count", "gpu"])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "facades"),
+                   help="a paired data set folder (default ../shared/data/facades)")
+    p.add_argument("--iters", type=int, default=150, help="iterations per run (losses: 300 recommended; gpu: 100)")
     p.add_argument("--scripts", nargs="+", help="only these scripts (losses: the first; default bicyclegan.py)")
     p.add_argument("--size", type=int, default=256, help="crop size for 'losses' and 'count'")
     p.add_argument("--out", default="runs/benchmark")
+    p.add_argument("--budget", type=float, default=480, help="gpu: seconds of wall time for the whole check")
+    p.add_argument("--no-compile", action="store_true", help="gpu: fast flags without --compile (a CPU check)")
     args, extra = p.parse_known_args()  # flags this script does not know go to every run
+    if args.part == "gpu" and "--iters" not in sys.argv:
+        args.iters = 100
     EXTRA[:] = [f for f in extra if f != "--"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, lines = {"table": table, "scaling": scaling, "losses": losses, "count": count}[args.part](args, out, out / f"{args.part}.log")
+    parts = {"table": table, "scaling": scaling, "losses": losses, "count": count, "gpu": gpu}
+    rows, lines = parts[args.part](args, out, out / f"{args.part}.log")
     (out / f"{args.part}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / f"{args.part}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
