@@ -1,7 +1,7 @@
 """Throughput of the seven scripts, and whether the fast flags train the same (README, 'Speed').
 
 Runs each script as a user would, with --max-iters, and reads the images/s and peak GPU memory
-that it prints after its warm-up iterations. Five parts, each writing a Markdown table
+that it prints after its warm-up iterations. Six parts, each writing a Markdown table
 (<part>.md), the raw numbers (<part>.json) and the scripts' output (<part>.log) to --out:
 
     python notebooks/benchmark.py table   --data datasets/facades   # 7 scripts, default and fast flags
@@ -9,6 +9,7 @@ that it prints after its warm-up iterations. Five parts, each writing a Markdown
     python notebooks/benchmark.py losses  --data datasets/facades   # fp32 vs fast flags, first iterations
     python notebooks/benchmark.py count   --data datasets/facades   # FLOPs and operator calls per iteration (CPU)
     python notebooks/benchmark.py gpu                               # the whole GPU check, at most 8 minutes
+    python notebooks/benchmark.py layout --size 64 --iters 5        # --channels-last against NCHW (CPU)
 
 Settings are the paper's: 256 px (load 286), each method's official batch size (1 for pix2pix,
 CycleGAN and MUNIT, 2 for the BicycleGAN family and DivCo). --iters stays below one epoch
@@ -287,13 +288,59 @@ def gpu(args, out, log):
     return rows, lines
 
 
+def layout(args, out, log):
+    """--channels-last against the default layout on the CPU: each script's own networks and
+    train_step at --size px, default widths, in this process. The two layouts alternate
+    iteration by iteration and each iteration is timed in CPU seconds of this process, so that
+    other load on the machine weighs on both alike; the median of --iters iterations per layout."""
+    import runpy
+    import statistics
+    import torch
+    rows = []
+    for script, (batch, _) in SCRIPTS.items():
+        if args.scripts and script not in args.scripts:
+            continue
+        module = runpy.run_path(str(ROOT / script))
+        # a data set name gives the default widths (64 channels); nothing is downloaded to parse options
+        script_args = module["parse_args"](["--dataset", "facades", "--load-size", str(args.size),
+                                            "--crop-size", str(args.size)])
+        script_args.amp = False
+        times = {}
+        for name in ("default", "channels_last"):
+            torch.manual_seed(0)
+            nets = module["build_networks"](script_args, torch.device("cpu"))
+            if name == "channels_last":
+                nets = [net.to(memory_format=torch.channels_last) for net in nets]
+            optims = ([common.adam([nets[0], nets[1]], 1e-4), common.adam([nets[2], nets[3]], 1e-4)]
+                      if script in ("cyclegan.py", "munit.py") else [common.adam(net, 1e-4) for net in nets])
+            pools = [common.ImagePool(0), common.ImagePool(0)]
+            times[name] = (nets, optims, pools, [])
+        real = torch.rand(batch, 3, args.size, args.size) * 2 - 1
+        for i in range(args.iters + 1):  # the first iteration of each layout is a warm-up
+            for name, (nets, optims, pools, spent) in times.items():
+                start = time.process_time()
+                step_args = (nets, optims, pools, real, real, script_args) if script == "cyclegan.py" else \
+                    (nets, optims, real, real, script_args)
+                module["train_step"](*step_args)
+                if i:
+                    spent.append(time.process_time() - start)
+        medians = {name: statistics.median(spent) for name, (_, _, _, spent) in times.items()}
+        rows.append({"script": script, "batch": batch, "size": args.size} | medians)
+        print(rows[-1], flush=True)
+    lines = ["| script | batch | default layout, s per iteration | channels-last, s per iteration | channels-last / default |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['script']} | {r['batch']} | {r['default']:.2f} | {r['channels_last']:.2f} | "
+              f"{r['channels_last'] / r['default']:.2f} |" for r in rows]
+    return rows, lines
+
+
 def fmt(x, digits=1):
     return "" if x is None else f"{x:.{digits}f}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["table", "scaling", "losses", "count", "gpu"])
+    p.add_argument("part", choices=["table", "scaling", "losses", "count", "gpu", "layout"])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "facades"),
                    help="a paired data set folder (default ../shared/data/facades)")
     p.add_argument("--iters", type=int, default=150, help="iterations per run (losses: 300 recommended; gpu: 100)")
@@ -308,7 +355,7 @@ def main():
     EXTRA[:] = [f for f in extra if f != "--"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = {"table": table, "scaling": scaling, "losses": losses, "count": count, "gpu": gpu}
+    parts = {"table": table, "scaling": scaling, "losses": losses, "count": count, "gpu": gpu, "layout": layout}
     rows, lines = parts[args.part](args, out, out / f"{args.part}.log")
     (out / f"{args.part}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / f"{args.part}.md").write_text("\n".join(lines) + "\n")
