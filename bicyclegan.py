@@ -34,13 +34,15 @@ Deviations:
   latent term's E(G(A, z)) is computed after E is frozen, so no gradient of it can reach E.
 - As the official code: the KL is summed over the encoded half-batch (and z's dimensions) while
   the L1 and GAN terms are means, so its weight grows with --batch-size (one image at batch 2).
-- Test images are resized to the crop size (the official maps test uses 512 px: pass
-  --crop-size 512 --load-size 512 to match).
+- --test resizes each image to the test size: --crop-size when given, else 512 px for maps (the
+  official test script), else the training crop size, which alone fixes the U-Net's depth.
+  --input translates own images at their own size (padded to a multiple of 2^depth, cropped back).
 
 Usage:
     python bicyclegan.py                                  # built-in toy data, CPU in minutes
     python bicyclegan.py --dataset maps                   # downloads maps, 200 + 200 epochs
     python bicyclegan.py --dataset maps --test --n-samples 10 [--sync]
+    python bicyclegan.py --out runs/bicyclegan_maps --input my_maps/ [--style photo.jpg | --interpolate 8]
 """
 import argparse
 from pathlib import Path

@@ -32,7 +32,8 @@ Deviations:
   least-squares form, which is what is trained here (--gan-mode vanilla gives the log form).
 - From the official code: the network widths on the toy data are 16 (64 elsewhere); the 6 or 9
   residual blocks are picked from the crop size (9 at >= 256 px) unless --n-blocks is given.
-- Test images are resized to the crop size, both directions are written (test/AtoB, test/BtoA).
+- Test images are resized to the test size (--crop-size, else the training one), both directions are
+  written (test/AtoB, test/BtoA); --input translates own images with G (A -> B) at their own size.
 
 Usage:
     python cyclegan.py                                   # built-in toy data (outlines -> filled shapes)

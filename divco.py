@@ -52,7 +52,7 @@ Deviations:
   since there are no pairs; one D on B; F is trained only by the cycle term (no D on A, no B->A->B
   cycle); E is trained as a latent regressor, |E(G(A, z)) - z| on detached fakes, so that its
   features react to z, while the contrastive term stays G-only.
-- As bicyclegan.py: batch 2 split in halves (paired), adaptive pool in E, test at crop size.
+- As bicyclegan.py: batch 2 split in halves (paired), adaptive pool in E, test size and --input.
 
 Usage:
     python divco.py                                       # built-in toy data, CPU in minutes
