@@ -34,13 +34,15 @@ Deviations:
   latent term's E(G(A, z)) is computed after E is frozen, so no gradient of it can reach E.
 - As the official code: the KL is summed over the encoded half-batch (and z's dimensions) while
   the L1 and GAN terms are means, so its weight grows with --batch-size (one image at batch 2).
-- Test images are resized to the crop size (the official maps test uses 512 px: pass
-  --crop-size 512 --load-size 512 to match).
+- --test resizes each image to the test size: --crop-size when given, else 512 px for maps (the
+  official test script), else the training crop size, which alone fixes the U-Net's depth.
+  --input translates own images at their own size (padded to a multiple of 2^depth, cropped back).
 
 Usage:
     python bicyclegan.py                                  # built-in toy data, CPU in minutes
     python bicyclegan.py --dataset maps                   # downloads maps, 200 + 200 epochs
     python bicyclegan.py --dataset maps --test --n-samples 10 [--sync]
+    python bicyclegan.py --out runs/bicyclegan_maps --input my_maps/ [--style photo.jpg | --interpolate 8]
 """
 import argparse
 from pathlib import Path
@@ -92,6 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=int, default=10, help="random samples per test input")
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same z for every test input")
+    common.add_inference_flags(p, style=True)  # --input --half --resize --style --interpolate
     args = common.parse_with_quick(p, argv, ngf=16, nef=16, ndf=16, num_workers=0)
     common.resolve_options(args)
     if args.batch_size < 2 or args.batch_size % 2:
@@ -222,13 +225,20 @@ def test(args, device):
     netG, netE, _, _ = build_networks(args, device)
     netG.load_state_dict(ckpt["netG"]), netE.load_state_dict(ckpt["netE"])
     netG.eval(), netE.eval()
+    multiple = 2 ** common.unet_depth(args.crop_size)  # G takes sides that are multiples of 2^depth
+    if args.input:  # own images at their own size; no B, so no encoded output; --style: z = mu of E(guide)
+        return common.translate_own_images(args, device, lambda A, z: netG(A.expand(len(z), -1, -1, -1), z),
+                                           multiple, code_shape=(args.nz,), encode=lambda guide: netE(guide)[0])
+    common.check_test_size(args, multiple)
     dataset = common.paired_dataset(args, train=False)
     generator = torch.Generator().manual_seed(args.seed)
     z_sync = torch.randn(args.n_samples, args.nz, generator=generator)
+    z_style = [netE(guide)[0].detach() for guide in common.read_guides(args, device)]  # --style: mu of E(guide)
     results = []
     for i in range(min(len(dataset), args.num_test)):
         item = dataset[i]
         z_random = z_sync if args.sync else torch.randn(args.n_samples, args.nz, generator=generator)
+        z_random = z_style[0] if z_style else z_random  # one guided output instead of random ones
         encoded, samples = translate(netG, netE, item["A"][None].to(device), item["B"][None].to(device),
                                      z_random.to(device))
         results.append(dict(item, encoded=encoded, samples=samples))

@@ -74,7 +74,10 @@ CYCLEGAN_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{}.zip"
 # direction, constant-LR epochs + linear-decay epochs, load size, crop size, input channels.
 PAIRED_DATASETS = {
     "facades": dict(direction="BtoA", epochs=200, epochs_decay=200, load_size=286, crop_size=256, input_nc=3),
-    "maps": dict(direction="BtoA", epochs=200, epochs_decay=200, load_size=600, crop_size=256, input_nc=3),
+    # maps: trained on random 256 crops of the 600-px images, tested on the whole image at 512 px
+    # (official scripts/test_maps.sh: load and fine size 512).
+    "maps": dict(direction="BtoA", epochs=200, epochs_decay=200, load_size=600, crop_size=256, input_nc=3,
+                 test_size=512),
     "edges2shoes": dict(direction="AtoB", epochs=30, epochs_decay=30, load_size=256, crop_size=256, input_nc=1),
     "edges2handbags": dict(direction="AtoB", epochs=15, epochs_decay=15, load_size=256, crop_size=256, input_nc=1),
     "night2day": dict(direction="AtoB", epochs=50, epochs_decay=50, load_size=286, crop_size=256, input_nc=3),
@@ -114,11 +117,17 @@ def dataset_defaults(name, layout="paired"):
 
 
 def resolve_options(args, layout="paired"):
-    """Fill every option the user left at None from the dataset's defaults (flags win)."""
+    """Fill every option the user left at None from the dataset's defaults (flags win).
+    A test takes its image size from --crop-size when given (test_size), else from the data set
+    (maps: 512), else from the checkpoint; the networks keep their training crop size."""
+    args.input = getattr(args, "input", None)
+    args.test = getattr(args, "test", False) or args.input is not None  # --input is a kind of test
+    args.test_size = args.crop_size if args.test else None
     for key, value in dataset_defaults(args.dataset, layout).items():
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)
-    if args.crop_size > args.load_size:
+    check_inference_flags(args)
+    if not args.test and args.crop_size > args.load_size:
         fail(f"--crop-size {args.crop_size} is larger than --load-size {args.load_size}; "
              "make the load size at least the crop size")
     return args
@@ -440,11 +449,16 @@ class AlignedDataset(ImageFolderBase):
         return {"A": crop_flip(A, self.crop_size, params), "B": crop_flip(B, self.crop_size, params), "path": path}
 
 
+def image_size(args, train):
+    """The side images are resized to: the crop size for training, the test size for a test."""
+    return args.crop_size if train else (getattr(args, "test_size", None) or args.crop_size)
+
+
 def paired_dataset(args, train=True):
     """The aligned data set for a script's options: train/ or, for --test, test/ (else val/)."""
     root = prepare_dataset(args.dataset, "paired", seed=0)
     folder = find_split(root, "train" if train else "test")
-    return AlignedDataset(folder, args.direction, args.load_size, args.crop_size, args.input_nc,
+    return AlignedDataset(folder, args.direction, args.load_size, image_size(args, train), args.input_nc,
                           args.output_nc, train=train, seed=args.seed)
 
 
@@ -500,7 +514,7 @@ def unpaired_dataset(args, train=True):
             files[1] = [files[1][i] for i in order]
     if args.direction == "BtoA":
         files.reverse()
-    return UnalignedDataset(files[0], files[1], args.load_size, args.crop_size, args.input_nc,
+    return UnalignedDataset(files[0], files[1], args.load_size, image_size(args, train), args.input_nc,
                             args.output_nc, train=train, seed=args.seed)
 
 
@@ -995,14 +1009,20 @@ def resume(path, device, args, parts):
 
 
 # Options that fix the shape of the networks: a resumed or tested run takes them from its checkpoint.
+# crop_size is among them because the training crop decides the U-Net's depth (and CycleGAN's
+# number of blocks); the size a test runs at is test_size, which is not.
 ARCH_OPTIONS = ("nz", "ngf", "nef", "ndf", "input_nc", "output_nc", "crop_size", "where_add", "norm",
                 "encoder", "direction", "setting", "n_blocks", "mlp_dim", "style_dim", "pix2pix_original")
 
 
 def restore_arch_options(args, saved):
+    """For a test: the network options of the checkpoint; the test size stays the one asked for
+    (or the data set's), else it becomes the training crop size."""
     for key in ARCH_OPTIONS:
         if key in saved and getattr(args, key, None) != saved[key]:
             setattr(args, key, saved[key])
+    if getattr(args, "test_size", None) is None:
+        args.test_size = args.crop_size
     return args
 
 
@@ -1092,16 +1112,38 @@ def to_image(x):
 
 
 def save_image(x, path):
-    from torchvision.utils import save_image as _save
-    _save(to_image(x), path)
+    """[-1, 1] tensor (C,H,W) -> PNG; one-channel images (edges, grayscale) stay one-channel."""
+    x = (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    pixels = (x * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    Image.fromarray(pixels[:, :, 0].numpy() if x.size(0) == 1 else pixels.numpy()).save(path)
 
 
-def save_grid(rows, path):
-    """rows: list of lists of images (C,H,W) in [-1, 1]; one row per input."""
+def fit_in_cell(x, height, width):
+    """[0, 1] image (3,H,W) -> (3, height, width): shrunk to fit (aspect ratio kept), centred on white."""
+    scale = min(1.0, height / x.size(1), width / x.size(2))
+    if scale < 1.0:
+        size = (max(1, round(x.size(1) * scale)), max(1, round(x.size(2) * scale)))
+        x = F.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
+    cell = torch.ones(3, height, width)
+    top, left = (height - x.size(1)) // 2, (width - x.size(2)) // 2
+    cell[:, top:top + x.size(1), left:left + x.size(2)] = x
+    return cell
+
+
+def save_grid(rows, path, max_cell=256):
+    """rows: list of lists of images (C,H,W) in [-1, 1]; one row per input. Images of different
+    sizes (own images) are fitted into cells of at most max_cell px, keeping their aspect ratio."""
     from torchvision.utils import save_image as _save
     ncol = max(len(r) for r in rows)
-    images = [to_image(x) for r in rows for x in r + [torch.full_like(r[0], 1.0)] * (ncol - len(r))]
-    _save(torch.stack(images), path, nrow=ncol, padding=2, pad_value=1.0)
+    images = [to_image(x) for r in rows for x in r]
+    sizes = {tuple(x.shape[1:]) for x in images}
+    if len(sizes) == 1:
+        height, width = sizes.pop()
+    else:
+        height, width = min(max_cell, max(h for h, _ in sizes)), min(max_cell, max(w for _, w in sizes))
+    cells = [fit_in_cell(to_image(x), height, width) for r in rows
+             for x in r + [torch.ones(3, height, width)] * (ncol - len(r))]
+    _save(torch.stack(cells), path, nrow=ncol, padding=2, pad_value=1.0)
 
 
 def save_test_outputs(out_dir, stem, images):
@@ -1296,3 +1338,198 @@ def write_test_results(folder, results, args, toy=None):
                                        for k, v in summary.items()))
     print(f"wrote {len(results)} test folders, {folder / 'grid.png'} and {folder / 'metrics.json'}")
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Own images: translate any file or folder with a trained checkpoint, each image at its own size
+# ---------------------------------------------------------------------------------------------
+INPUT_EXTENSIONS = IMG_EXTENSIONS + (".tif", ".tiff")
+MIN_SIDE = 32  # E_ResNet and MUNIT's style encoder halve an image five and four times
+
+
+def add_inference_flags(parser, style=True, interpolate=True):
+    """--input, --half, --resize; --style (encoder-based scripts) and --interpolate (latent ones)."""
+    g = parser.add_argument_group("own images (needs a trained checkpoint; writes <out>/translated/)")
+    g.add_argument("--input", metavar="PATH", help="translate this image, or every image in this folder (png, jpg, "
+                   "bmp, webp, tif; no ground truth needed), each at its own size")
+    g.add_argument("--half", choices=["left", "right"], help="use only this half of each --input image "
+                   "(pix2pix A|B files: left is A)")
+    g.add_argument("--resize", type=int, metavar="N", help="squeeze each --input image to N x N first, as --test "
+                   "does (default: its own size, padded to a size the network takes and cropped back)")
+    if style:
+        g.add_argument("--style", nargs="+", metavar="IMAGE", help="an example of the output domain: every output "
+                       "takes its code (its style code for MUNIT, else z = mu of E(IMAGE)); two with --interpolate")
+    if interpolate:
+        g.add_argument("--interpolate", type=int, metavar="K", help="--input: K outputs along the path between two "
+                       "codes (two prior samples, or the codes of two --style images): frames, strip PNG and GIF")
+
+
+def check_inference_flags(args):
+    """One sentence for flags of own-image translation given where they cannot work."""
+    given = [f"--{k}" for k in ("half", "resize", "interpolate") if getattr(args, k, None) is not None]
+    if given and args.input is None:
+        fail(f"{' and '.join(given)} {'work' if len(given) > 1 else 'works'} with --input PATH (the images to translate)")
+    if getattr(args, "interpolate", None) is not None and args.interpolate < 2:
+        fail(f"--interpolate {args.interpolate}: a path needs at least 2 frames (its two ends)")
+    if getattr(args, "resize", None) is not None and args.resize < MIN_SIDE:
+        fail(f"--resize {args.resize} is smaller than the {MIN_SIDE} px the networks can read")
+    n_style = len(getattr(args, "style", None) or [])
+    if getattr(args, "interpolate", None) and n_style not in (0, 2):
+        fail("--interpolate walks between two codes: give two --style images, or none for two prior samples")
+    if n_style > 1 and not getattr(args, "interpolate", None):
+        fail("--style takes one image (two only with --interpolate, for the two ends of the path)")
+
+
+def check_test_size(args, multiple):
+    """--test: the test size must be one the network takes (the U-Net: multiples of 2^depth)."""
+    if args.test_size % multiple or args.test_size < MIN_SIDE:
+        fail(f"test size {args.test_size} does not fit this network (trained at {args.crop_size} px, it takes "
+             f"multiples of {multiple}); pass --crop-size {max(multiple, args.crop_size)} or another multiple")
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def read_image(path):
+    """An image file -> 8-bit RGB or grayscale PIL image, as a camera or a drawing program meant
+    it: EXIF rotation applied, transparency composited on white, 16-bit and float pixels
+    (TIFF, PNG) scaled to 8 bits with a note. Raises OSError or ValueError for what PIL cannot read."""
+    import numpy as np
+    from PIL import ImageOps
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    if img.mode in HIGH_DEPTH_MODES:
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode != "F" else max(1.0, float(values.max()))
+        print(f"note: {Path(path).name} has {img.mode} pixels (more than 8 bits); scaled to 8 bits, "
+              f"{top:g} -> 255")
+        img = Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("L") if img.mode in ("1", "L") else img.convert("RGB")
+
+
+def read_inputs(path, channels, half=None):
+    """--input: one file or the images of one folder (not its subfolders) -> [(stem, image in
+    [-1, 1], C x H x W)]. Unreadable files are skipped with a warning; none readable -> fail."""
+    path = Path(path)
+    if not path.exists():
+        fail(f"--input {path} does not exist; give an image file or a folder of images")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in INPUT_EXTENSIONS) if path.is_dir() else [path]
+    images, skipped = [], []
+    for file in files:
+        try:
+            img = read_image(file)
+        except (OSError, SyntaxError, ValueError) as e:
+            skipped.append(f"warning: skipping {file}, which is not a readable image ({e.__class__.__name__})")
+            continue
+        if half is not None:
+            w, h = img.size
+            img = img.crop((0, 0, w // 2, h) if half == "left" else (w // 2, 0, w, h))
+        images.append((file.stem, to_tensor(img, channels)))
+    if not images and path.is_dir():
+        fail(f"no readable image in {path} (looked for {', '.join(INPUT_EXTENSIONS)} files; "
+             f"{len(skipped)} could not be read)")
+    if not images:
+        fail(f"--input {path} is not an image file that can be read")
+    for line in skipped:
+        print(line, file=sys.stderr)
+    return images
+
+
+def read_guides(args, device):
+    """--style images -> [(1, output_nc, S, S) tensors] at the training crop size S, the size the
+    encoder learned on."""
+    guides = []
+    for path in getattr(args, "style", None) or []:
+        try:
+            img = read_image(path)
+        except (OSError, ValueError) as e:
+            fail(f"cannot read the --style image {path} ({e.__class__.__name__}); give an image file")
+        img = img.resize((args.crop_size, args.crop_size), Image.BICUBIC)
+        guides.append(to_tensor(img, args.output_nc)[None].to(device))
+    return guides
+
+
+def check_fits(name, size, multiple, args):
+    """Fail with one sentence for an image the network cannot take: each side at least half the
+    multiple (else the padding would outweigh the image) and MIN_SIDE px."""
+    least = max(MIN_SIDE, multiple // 2)
+    if min(size) < least:
+        fail(f"{name} is {size[1]}x{size[0]} px, too small for this network (it takes sides that are multiples "
+             f"of {multiple}; each side needs at least {least} px): enlarge it or pass --resize {args.crop_size}")
+
+
+def pad_to_multiple(x, multiple):
+    """(N, C, H, W) -> (padded so that H and W are multiples of `multiple`, crop that undoes it).
+    The image sits in the middle; the border is mirrored (replicated where it is thinner than the pad)."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    top, left = pad_h // 2, pad_w // 2
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    padded = F.pad(x, (left, pad_w - left, top, pad_h - top), mode=mode)
+    return padded, (slice(top, top + h), slice(left, left + w))
+
+
+def slerp(z0, z1, steps):
+    """`steps` codes on the great circle from z0 to z1 (norms interpolated linearly), ends exact;
+    the BicycleGAN authors walk their latent space this way for their videos."""
+    t = torch.linspace(0, 1, steps, device=z0.device).view(-1, *[1] * z0.dim())
+    a, b = z0.flatten(), z1.flatten()
+    omega = torch.acos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
+    if omega < 1e-4:  # (nearly) the same direction: a straight line is the same path
+        return (1 - t) * z0 + t * z1
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+
+
+def save_walk(folder, frames, duration_ms=200):
+    """interpolation.png (the frames side by side) and interpolation.gif (looping) in folder."""
+    save_grid([frames], folder / "interpolation.png")
+    pictures = [Image.open(folder / f"sample_{k:02d}.png").convert("RGB") for k in range(len(frames))]
+    pictures[0].save(folder / "interpolation.gif", save_all=True, append_images=pictures[1:], duration=duration_ms,
+                     loop=0)
+
+
+@torch.no_grad()
+def translate_own_images(args, device, generate, multiple, code_shape=None, encode=None):
+    """--input: translate each image at its own size and write <out>/translated/ in the --test
+    layout (input.png, sample_00.png ..., style.png for a guide; grid.png; no ground truth).
+    generate(real_A, codes) -> outputs (n, C, H, W), for one padded input (1, C, H, W) and n codes
+    (codes None for a deterministic net); code_shape: one prior code's shape, N(0, I); encode(guide)
+    -> (1, *code_shape), the code of a --style image. --n-samples, --sync and --seed as in --test;
+    --interpolate K: the K frames of a walk are the samples, plus interpolation.png and .gif."""
+    out = Path(args.out) / "translated"
+    guides = read_guides(args, device)
+    guide_codes = [encode(g) for g in guides]
+    inputs = read_inputs(args.input, args.input_nc, args.half)
+    generator = torch.Generator().manual_seed(args.seed)
+    walk = getattr(args, "interpolate", None)  # K frames, or None
+    n = 2 if walk else args.n_samples
+
+    def draw():  # as in --test: first the shared codes, then per input; the walk's ends = samples 0, 1
+        return torch.randn((n, *code_shape), generator=generator).to(device) if code_shape else None
+
+    codes_sync, results = draw(), []
+    for name, real_A in inputs:
+        if args.resize:
+            real_A = F.interpolate(real_A[None], size=(args.resize, args.resize), mode="bicubic",
+                                   align_corners=False)[0].clamp(-1, 1)
+        check_fits(name, real_A.shape[1:], multiple, args)
+        padded, crop = pad_to_multiple(real_A[None].to(device), multiple)
+        if code_shape is None:
+            codes = None
+        elif guide_codes and not walk:
+            codes = guide_codes[0]
+        else:
+            ends = torch.cat(guide_codes) if guide_codes else (codes_sync if getattr(args, "sync", False) else draw())
+            codes = slerp(ends[0], ends[1], walk) if walk else ends
+        samples = [y[:, crop[0], crop[1]] for y in generate(padded, codes)]
+        results.append({"A": real_A, "samples": samples, "name": name,
+                        "extra": list(zip(["style"] if len(guides) == 1 else ["style_start", "style_end"],
+                                          [g[0] for g in guides]))})
+    write_test_results(out, results, args, toy=False)
+    if walk:
+        for r in results:
+            save_walk(out / r["name"], r["samples"])
+        print(f"wrote a walk of {walk} frames per input: <input>/interpolation.png and .gif")

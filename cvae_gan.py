@@ -93,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=int, default=10, help="random samples per test input")
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same z for every test input")
+    common.add_inference_flags(p, style=True)  # --input --half --resize --style --interpolate
     args = common.parse_with_quick(p, argv, ngf=16, nef=16, ndf=16, num_workers=0)
     common.resolve_options(args)
     return args
@@ -203,13 +204,20 @@ def test(args, device):
     netG, netE, _ = build_networks(args, device)
     netG.load_state_dict(ckpt["netG"]), netE.load_state_dict(ckpt["netE"])
     netG.eval(), netE.eval()
+    multiple = 2 ** common.unet_depth(args.crop_size)  # G takes sides that are multiples of 2^depth
+    if args.input:  # own images at their own size; no B, so no encoded output; --style: z = mu of E(guide)
+        return common.translate_own_images(args, device, lambda A, z: netG(A.expand(len(z), -1, -1, -1), z),
+                                           multiple, code_shape=(args.nz,), encode=lambda guide: netE(guide)[0])
+    common.check_test_size(args, multiple)
     dataset = common.paired_dataset(args, train=False)
     generator = torch.Generator().manual_seed(args.seed)
     z_sync = torch.randn(args.n_samples, args.nz, generator=generator)
+    z_style = [netE(guide)[0].detach() for guide in common.read_guides(args, device)]  # --style: mu of E(guide)
     results = []
     for i in range(min(len(dataset), args.num_test)):
         item = dataset[i]
         z_random = z_sync if args.sync else torch.randn(args.n_samples, args.nz, generator=generator)
+        z_random = z_style[0] if z_style else z_random  # one guided output instead of random ones
         encoded, samples = translate(netG, netE, item["A"][None].to(device), item["B"][None].to(device),
                                      z_random.to(device))
         results.append(dict(item, encoded=encoded, samples=samples))

@@ -32,7 +32,8 @@ Deviations:
   least-squares form, which is what is trained here (--gan-mode vanilla gives the log form).
 - From the official code: the network widths on the toy data are 16 (64 elsewhere); the 6 or 9
   residual blocks are picked from the crop size (9 at >= 256 px) unless --n-blocks is given.
-- Test images are resized to the crop size, both directions are written (test/AtoB, test/BtoA).
+- Test images are resized to the test size (--crop-size, else the training one), both directions are
+  written (test/AtoB, test/BtoA); --input translates own images with G (A -> B) at their own size.
 
 Usage:
     python cyclegan.py                                   # built-in toy data (outlines -> filled shapes)
@@ -84,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--test", action="store_true", help="translate the test split both ways instead of training")
     p.add_argument("--n-samples", type=int, default=1, help="CycleGAN is deterministic: always one output per input")
     p.add_argument("--num-test", type=int, default=100, help="test inputs per domain")
+    common.add_inference_flags(p, style=False, interpolate=False)  # --input --half --resize (A -> B with G)
     args = common.parse_with_quick(p, argv, ngf=16, ndf=16, num_workers=0)
     common.resolve_options(args, layout="unpaired")
     if args.n_blocks is None:
@@ -197,6 +199,9 @@ def test(args, device):
     G, F, _, _ = build_networks(args, device)
     G.load_state_dict(ckpt["G"]), F.load_state_dict(ckpt["F"])
     G.eval(), F.eval()
+    if args.input:  # own images of domain A, each at its own size (G's two down-samplings: multiples of 4)
+        return common.translate_own_images(args, device, lambda real_A, _: G(real_A), multiple=4)
+    common.check_test_size(args, 4)
     dataset = common.unpaired_dataset(args, train=False)
     for side, forward, backward, paths in (("A", G, F, dataset.paths_A), ("B", F, G, dataset.paths_B)):
         results = []

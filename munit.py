@@ -54,7 +54,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import common
 
@@ -102,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=int, default=10, help="random styles per test input (paper: 10)")
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same styles for every test input")
-    p.add_argument("--style", help="test: an image of domain B whose style (from B's style encoder) every output takes")
+    common.add_inference_flags(p)  # --input --half --resize --style (also for --test) --interpolate
     args = common.parse_with_quick(p, argv, ngf=16, ndf=16, mlp_dim=32, num_workers=0)
     # Official configs (edges2shoes/edges2handbags_folder.yaml): edges as 3 channels, new_size 256 and
     # a 256 crop, no larger load. Only the channels differ from the paired defaults (1 channel).
@@ -338,22 +337,16 @@ def sample_grid(gen_a, gen_b, items, styles, path, device):
     gen_a.train(), gen_b.train()
 
 
-def load_style_image(args, dataset, device):
-    path = Path(args.style)
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (OSError, ValueError) as e:
-        common.fail(f"cannot read the --style image {path} ({e.__class__.__name__}); give an image file")
-    return dataset.transform(img, None, args.output_nc)[None].to(device)
-
-
 def test(args, device):
     out = common.default_out(args, __file__)
     ckpt = common.load_checkpoint(args.checkpoint or out / "latest.pt", device, args)
     gen_a, gen_b, _, _ = build_networks(args, device)
     gen_a.load_state_dict(ckpt["gen_a"]), gen_b.load_state_dict(ckpt["gen_b"])
     gen_a.eval(), gen_b.eval()
+    if args.input:  # own images at their own size (two stride-2 convs: multiples of 4); --style: B's style code
+        return common.translate_own_images(args, device, lambda A, s: translate(gen_a, gen_b, A, s), multiple=4,
+                                           code_shape=(args.style_dim, 1, 1), encode=lambda g: gen_b.encode(g)[1])
+    common.check_test_size(args, 4)
     dataset = common.unpaired_dataset(args, train=False)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -362,7 +355,7 @@ def test(args, device):
 
     styles_sync, extra = draw(), []
     if args.style:  # example-guided translation: the style code of a real image of domain B
-        style_image = load_style_image(args, dataset, device)
+        style_image = common.read_guides(args, device)[0]
         with torch.no_grad():
             styles_sync = gen_b.encode(style_image)[1]
         extra = [("style", style_image[0])]

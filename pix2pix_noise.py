@@ -90,6 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=int, default=10, help="random samples per test input")
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same z for every test input")
+    common.add_inference_flags(p, style=False)  # --input --half --resize --interpolate
     args = common.parse_with_quick(p, argv, ngf=16, ndf=16, num_workers=0)
     common.resolve_options(args)
     # pix2pix paper §3 and official code: vanilla GAN, lambda = 100; BicycleGAN paper §4: LSGAN, 10
@@ -191,6 +192,11 @@ def test(args, device):
     netG, _ = build_networks(args, device)
     netG.load_state_dict(ckpt["netG"])
     netG.eval()
+    multiple = 2 ** common.unet_depth(args.crop_size)  # G takes sides that are multiples of 2^depth
+    if args.input:  # own images, each at its own size (common.translate_own_images)
+        return common.translate_own_images(args, device, lambda A, z: netG(A.expand(len(z), -1, -1, -1), z),
+                                           multiple, code_shape=(args.nz,))
+    common.check_test_size(args, multiple)
     dataset = common.paired_dataset(args, train=False)
     generator = torch.Generator().manual_seed(args.seed)
     z_sync = torch.randn(args.n_samples, args.nz, generator=generator)
