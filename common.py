@@ -105,7 +105,7 @@ def check_out(out):
     """--out (None: the default under runs/) must be a folder or a path one can be created at."""
     path = Path(out if out is not None else "runs")
     if path.exists() and not path.is_dir():
-        fail(f"--out {out} is a file, not a folder; choose another --out")
+        fail(f"--out {path} is a file, not a folder; choose another --out")
     parent = path
     while not parent.exists():
         parent = parent.parent
