@@ -42,6 +42,85 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+# Options checked where they are parsed (each only where a script has it; None = "use the default").
+COUNT_OPTIONS = ("batch_size", "n_samples", "max_iters", "num_test", "log_every", "nz", "ngf", "nef", "ndf",
+                 "load_size", "crop_size", "style_dim", "mlp_dim", "num_scales", "step_size", "num_negatives")
+MAY_BE_ZERO_OPTIONS = ("epochs", "epochs_decay", "num_workers", "pool_size", "n_blocks", "n_res")
+POSITIVE_OPTIONS = ("lr", "radius", "tau")
+NON_NEGATIVE_OPTIONS = ("weight_decay", "beta1")  # and every --lambda-*
+
+
+def check_options(args, script):
+    """Stop with one sentence naming the option for a value no run can use: counts below 1 (or
+    below 0 where 0 means "none"), rates that are not positive, no epoch at all, channels other than
+    1 or 3, a crop larger than the load size, an unknown --device, an --out that cannot be created.
+    Also records the script (args.script), which every checkpoint then carries."""
+    def flag(key):
+        return "--" + key.replace("_", "-")
+
+    for keys, least, what in ((COUNT_OPTIONS, 1, "at least 1"), (MAY_BE_ZERO_OPTIONS, 0, "at least 0")):
+        for key in keys:
+            value = getattr(args, key, None)
+            if value is not None and value < least:
+                fail(f"{flag(key)} {value} must be {what}"
+                     + (" (leave it out to train the whole schedule)" if key == "max_iters" else ""))
+    for key in POSITIVE_OPTIONS:
+        value = getattr(args, key, None)
+        if value is not None and not value > 0:
+            fail(f"{flag(key)} {value} must be a positive number")
+    lambdas = [key for key in vars(args) if key.startswith("lambda_")]
+    for key in NON_NEGATIVE_OPTIONS + tuple(lambdas):
+        value = getattr(args, key, None)
+        if value is not None and not value >= 0:
+            fail(f"{flag(key)} {value} must be zero or positive")
+    if getattr(args, "beta1", None) is not None and args.beta1 >= 1:
+        fail(f"--beta1 {args.beta1} must be below 1")
+    if getattr(args, "epochs", None) is not None and args.epochs + (args.epochs_decay or 0) < 1:
+        fail(f"--epochs {args.epochs} --epochs-decay {args.epochs_decay} leave no epoch to train; "
+             "give at least one")
+    for key in ("input_nc", "output_nc"):
+        if getattr(args, key, None) not in (None, 1, 3):
+            fail(f"{flag(key)} {getattr(args, key)} is not a channel count images have: use 1 (grayscale) or 3 (RGB)")
+    if not args.test and args.crop_size > args.load_size:  # a test resizes to the test size only
+        fail(f"--crop-size {args.crop_size} is larger than --load-size {args.load_size}; "
+             "make the load size at least the crop size")
+    check_device_name(args.device)
+    check_out(args.out)
+    args.script = Path(script).stem
+    return args
+
+
+def check_device_name(name):
+    if name == "auto":
+        return
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError):  # not a device string at all, e.g. "tpu9"
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        fail(f"--device {name} is not a device this code runs on: use auto, cpu, cuda or cuda:N")
+
+
+def check_out(out):
+    """--out (None: the default under runs/) must be a folder or a path one can be created at."""
+    path = Path(out if out is not None else "runs")
+    if path.exists() and not path.is_dir():
+        fail(f"--out {path} is a file, not a folder; choose another --out")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {path} cannot be created: {parent} is not a folder this user can write to; "
+             "choose another --out")
+
+
+def cannot_write(path, error):
+    """A write that failed (full disk, no permission): one sentence that says what to do."""
+    reason = getattr(error, "strerror", None) or "the write failed; is the disk full?"
+    fail(f"could not write {path} ({reason}); free some disk space or choose a writable --out, then run "
+         "again (--resume continues from the last complete checkpoint)")
+
+
 def pick_device(name="auto"):
     """'auto' takes CUDA when present and falls back to the CPU with a one-line notice."""
     if name == "auto":
@@ -127,9 +206,6 @@ def resolve_options(args, layout="paired"):
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)
     check_inference_flags(args)
-    if not args.test and args.crop_size > args.load_size:
-        fail(f"--crop-size {args.crop_size} is larger than --load-size {args.load_size}; "
-             "make the load size at least the crop size")
     return args
 
 
@@ -391,7 +467,26 @@ class ImageFolderBase(torch.utils.data.Dataset):
                     return img.convert("RGB"), i
             except (OSError, SyntaxError, ValueError) as e:
                 print(f"warning: skipping unreadable image {path} ({e})", file=sys.stderr)
-        raise RuntimeError("no image in the data set could be read")
+        fail(f"none of the {len(paths)} images in {Path(paths[0]).parent} could be read; replace the broken files")
+
+    def check_images(self, paths, paired):
+        """Stop with one sentence if no file of paths can be read; warn when the first readable one
+        is probably not what the user meant: a paired (A|B) file not about twice as wide as tall,
+        or images (halves) much smaller than the size they are resized to."""
+        if not paths:
+            return
+        img, i = self.open(paths, 0)
+        w, h = img.size
+        folder, size = Path(paths[i]).parent, self.load_size if self.train else self.crop_size
+        if paired and not 1.5 <= w / h <= 2.5:
+            print(f"warning: {paths[i]} is {w}x{h} pixels, not about twice as wide as tall, but a paired "
+                  f"folder holds input|target side by side in each file; put each pair side by side, or "
+                  "use an unpaired script with trainA/ and trainB/", file=sys.stderr)
+        width = w // 2 if paired else w
+        if min(width, h) < size / 2:
+            print(f"warning: the images in {folder} are {width}x{h} pixels{' per half' if paired else ''}, "
+                  f"much smaller than the {size} px they are resized to, so they come out blurred; lower "
+                  "--load-size and --crop-size, or use larger images", file=sys.stderr)
 
     def decoded(self, side, index):
         """(uint8 image, path) of side 'A' or 'B' at index: from memory, else from its file."""
@@ -428,6 +523,7 @@ class AlignedDataset(ImageFolderBase):
         super().__init__(load_size, crop_size, train, seed)
         self.paths = list_images(folder)
         self.direction, self.input_nc, self.output_nc = direction, input_nc, output_nc
+        self.check_images(self.paths, paired=True)
 
     def __len__(self):
         return len(self.paths)
@@ -473,6 +569,8 @@ class UnalignedDataset(ImageFolderBase):
         self.paths_A, self.halves_A = [p for p, _ in files_A], [h for _, h in files_A]
         self.paths_B, self.halves_B = [p for p, _ in files_B], [h for _, h in files_B]
         self.input_nc, self.output_nc = input_nc, output_nc
+        self.check_images(self.paths_A, paired=bool(files_A) and files_A[0][1] is not None)
+        self.check_images(self.paths_B, paired=bool(files_B) and files_B[0][1] is not None)
 
     def __len__(self):
         return max(len(self.paths_A), len(self.paths_B))
@@ -919,8 +1017,11 @@ def parse_with_quick(parser, argv=None, **extra):
 
 
 def save_options(args, out):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "options.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "options.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        cannot_write(out / "options.json", e)
 
 
 def rng_state():
@@ -939,28 +1040,58 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([s.to("cpu", torch.uint8) for s in state["cuda"]])
 
 
+# Written into every checkpoint (training_state) with the script that wrote it; raise it when the
+# layout of the checkpoint dict changes, so that an older file is refused with one sentence.
+CHECKPOINT_FORMAT = 1
+
+
 def save_checkpoint(path, state):
-    """Write to a temporary file and rename it over the old one: a run killed while saving
-    leaves the previous checkpoint intact, never a broken one."""
+    """Write to a temporary file, flush it to the disk and rename it over the old one: a run
+    killed while saving leaves the previous checkpoint intact, never a broken one; so does a full
+    disk or a failed rename, which stop with one sentence."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data on the disk before the rename, so that even a power cut leaves one whole file
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        cannot_write(path, e)
 
 
 def load_checkpoint(path, device="cpu", args=None):
-    """Read a checkpoint. With args: for --test, the options that shape the networks are taken
-    from the checkpoint; for --resume, they must match it (else one sentence says which differ)."""
+    """Read a checkpoint without running code from it (tensors and plain values only). With args:
+    it must come from the script that parsed args (args.script) in this checkpoint format; for
+    --test, the options that shape the networks are taken from the checkpoint; for --resume, they
+    must match it (else one sentence says which differ)."""
     path = Path(path)
     if not path.exists():
         fail(f"no checkpoint at {path}; train first, or point --checkpoint at a .pt file")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a file that is not a checkpoint of ours
+        if "Weights only load failed" in str(e):  # it holds objects whose unpickling could run code
+            fail(f"refused to load {path}: it holds more than tensors and plain values, and loading it "
+                 "could run code; use a checkpoint these scripts wrote")
         fail(f"could not read the checkpoint {path} ({e.__class__.__name__}); is it a file this script wrote?")
-    if args is not None and args.test:
+    if args is None:
+        return ckpt
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of this version of the scripts (format {found}, this one reads "
+             f"format {CHECKPOINT_FORMAT}); train anew, or use the version that wrote it")
+    script = getattr(args, "script", None)
+    if script is not None and ckpt["script"] != script:
+        fail(f"{path} was written by {ckpt['script']}.py, not {script}.py: --test and --resume need a "
+             f"checkpoint of {script}.py (or run {ckpt['script']}.py with it)")
+    if args.test:
         restore_arch_options(args, ckpt["args"])
-    elif args is not None:
+    else:
         differ = [f"--{k.replace('_', '-')} {ckpt['args'][k]}" for k in ARCH_OPTIONS
                   if k in ckpt["args"] and hasattr(args, k) and getattr(args, k) != ckpt["args"][k]]
         if differ:
@@ -970,8 +1101,10 @@ def load_checkpoint(path, device="cpu", args=None):
 
 def training_state(parts, **progress):
     """One checkpoint dict: the state of every part (networks, optimizers, schedulers, image
-    pools: anything with state_dict()), the RNG states, and progress (epoch, batch, step, args)."""
-    return {name: part.state_dict() for name, part in parts.items()} | {"rng": rng_state()} | progress
+    pools: anything with state_dict()), the RNG states, and progress (epoch, batch, step, args),
+    tagged with the checkpoint format and the script that wrote it (see load_checkpoint)."""
+    state = {name: part.state_dict() for name, part in parts.items()} | {"rng": rng_state()} | progress
+    return state | {"format": CHECKPOINT_FORMAT, "script": progress.get("args", {}).get("script")}
 
 
 def load_optimizer_state(optimizer, state):
@@ -1042,11 +1175,14 @@ class LossLog:
         new = not self.path.exists() or self.fields is None
         if new:
             self.fields = list(row)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        except OSError as e:
+            cannot_write(self.path, e)
 
 
 def read_losses(path):
@@ -1143,7 +1279,10 @@ def save_grid(rows, path, max_cell=256):
         height, width = min(max_cell, max(h for h, _ in sizes)), min(max_cell, max(w for _, w in sizes))
     cells = [fit_in_cell(to_image(x), height, width) for r in rows
              for x in r + [torch.ones(3, height, width)] * (ncol - len(r))]
-    _save(torch.stack(cells), path, nrow=ncol, padding=2, pad_value=1.0)
+    try:
+        _save(torch.stack(cells), path, nrow=ncol, padding=2, pad_value=1.0)
+    except OSError as e:
+        cannot_write(path, e)
 
 
 def save_test_outputs(out_dir, stem, images):

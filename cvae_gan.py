@@ -96,6 +96,7 @@ def parse_args(argv=None):
     common.add_inference_flags(p, style=True)  # --input --half --resize --style --interpolate
     args = common.parse_with_quick(p, argv, ngf=16, nef=16, ndf=16, num_workers=0)
     common.resolve_options(args)
+    common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
     return args
 
 

@@ -88,6 +88,7 @@ def parse_args(argv=None):
     common.add_inference_flags(p, style=False, interpolate=False)  # --input --half --resize (A -> B with G)
     args = common.parse_with_quick(p, argv, ngf=16, ndf=16, num_workers=0)
     common.resolve_options(args, layout="unpaired")
+    common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
     if args.n_blocks is None:
         args.n_blocks = 9 if args.crop_size >= 256 else 6
     if args.crop_size % 4:

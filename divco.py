@@ -122,11 +122,10 @@ def parse_args(argv=None):
     common.add_inference_flags(p, style=True)  # --input --half --resize --style --interpolate
     args = common.parse_with_quick(p, argv, ngf=16, nef=16, ndf=16, num_workers=0)
     common.resolve_options(args, args.setting)
+    common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
     if args.setting == "paired" and (args.batch_size < 2 or args.batch_size % 2):
         common.fail(f"--batch-size {args.batch_size} is odd: BicycleGAN splits each batch into an encoded "
                     "and a random half, so use an even size such as 2")
-    if args.num_negatives < 1 or args.radius <= 0 or args.tau <= 0:
-        common.fail("--num-negatives must be at least 1 and --radius and --tau positive")
     return args
 
 

@@ -108,6 +108,7 @@ def parse_args(argv=None):
     if Path(args.dataset).name in ("edges2shoes", "edges2handbags") and args.input_nc is None:
         args.input_nc = 3
     common.resolve_options(args, layout="unpaired")
+    common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
     if args.crop_size % 4 or args.crop_size < 64:
         common.fail(f"--crop-size {args.crop_size} does not fit MUNIT's nets: use a multiple of 4 of at least 64 "
                     "(the third D scale and the style encoder halve it several times)")

@@ -93,6 +93,7 @@ def parse_args(argv=None):
     common.add_inference_flags(p, style=False)  # --input --half --resize --interpolate
     args = common.parse_with_quick(p, argv, ngf=16, ndf=16, num_workers=0)
     common.resolve_options(args)
+    common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
     # pix2pix paper §3 and official code: vanilla GAN, lambda = 100; BicycleGAN paper §4: LSGAN, 10
     if args.gan_mode is None:
         args.gan_mode = "vanilla" if args.pix2pix_original else "lsgan"

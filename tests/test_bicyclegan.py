@@ -48,7 +48,7 @@ def test_reparameterize_uses_sigma():
 
 # --- gradient routing -------------------------------------------------------------------------
 def grads_after_one_step(lambda_latent):
-    args = bicyclegan.parse_args(["--quick", "--lambda-latent", str(lambda_latent), "--lr", "0"])
+    args = bicyclegan.parse_args(["--quick", "--lambda-latent", str(lambda_latent)])
     torch.manual_seed(0)
     nets = bicyclegan.build_networks(args, torch.device("cpu"))
     optims = [common.adam(net, 0.0) for net in nets]
