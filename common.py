@@ -4,8 +4,11 @@ What is here is used by two or more scripts. What makes a method a method -- its
 the order of its updates, where it calls detach() -- stays in the method's own script.
 
 Sections: errors and devices | datasets (download, toy data, aligned and unaligned loaders) |
-network blocks | GAN loss, init, schedule | checkpoints, logging, sample grids | toy metrics.
+network blocks | GAN loss, init, schedule | speed | multi-GPU | checkpoints, logging, sample
+grids | toy metrics.
 """
+import atexit
+import contextlib
 import csv
 import functools
 import gzip
@@ -26,6 +29,7 @@ import zlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -552,7 +556,8 @@ def image_size(args, train):
 
 def paired_dataset(args, train=True):
     """The aligned data set for a script's options: train/ or, for --test, test/ (else val/)."""
-    root = prepare_dataset(args.dataset, "paired", seed=0)
+    with local_main_first():  # Multi-GPU: one process downloads, the others wait
+        root = prepare_dataset(args.dataset, "paired", seed=0)
     folder = find_split(root, "train" if train else "test")
     return AlignedDataset(folder, args.direction, args.load_size, image_size(args, train), args.input_nc,
                           args.output_nc, train=train, seed=args.seed)
@@ -600,7 +605,8 @@ class UnalignedDataset(ImageFolderBase):
 def unpaired_dataset(args, train=True):
     """Domains from trainA/ trainB/ (test: testA/ testB/, else valA/ valB/), or from the halves of
     a paired folder (train/; test: test/ or val/). --direction BtoA swaps the two domains."""
-    root = prepare_dataset(args.dataset, "unpaired", seed=0)
+    with local_main_first():  # Multi-GPU: one process downloads, the others wait
+        root = prepare_dataset(args.dataset, "unpaired", seed=0)
     if list_images(root / "trainA") or list_images(root / "testA"):
         files = [[(p, None) for p in list_images(find_split(root, "train" if train else "test", side))]
                  for side in ("A", "B")]
@@ -621,7 +627,8 @@ def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, num_workers=0
     batches it has already trained on and continue with exactly the same data."""
     dataset.set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(len(dataset), generator=generator)[skip_batches * batch_size:].tolist()
+    # Multi-GPU: this rank's share of each global batch (world size 1: the whole shuffle)
+    order = epoch_order(len(dataset), batch_size, epoch, seed, skip_batches, rank(), world_size())
     # Its own generator also keeps the loader from drawing on the global RNG that z and dropout use.
     # A set kept in memory is cropped in this process (on its device); one read from disk is
     # decoded by num_workers processes into pinned memory, for fast copies to the GPU.
@@ -633,8 +640,9 @@ def epoch_loader(dataset, batch_size, epoch, seed, skip_batches=0, num_workers=0
 
 
 def check_trainable(dataset, batch_size):
-    if len(dataset) < batch_size:
-        fail(f"the training set has {len(dataset)} images, fewer than --batch-size {batch_size}; "
+    if len(dataset) < batch_size * world_size():
+        per_step = f" x {world_size()} processes" if world_size() > 1 else ""
+        fail(f"the training set has {len(dataset)} images, fewer than --batch-size {batch_size}{per_step}; "
              "add images or lower the batch size")
 
 
@@ -995,6 +1003,161 @@ def keep_in_memory(dataset, device, args):
 
 
 # ---------------------------------------------------------------------------------------------
+# Multi-GPU: `torchrun --nproc-per-node N script.py ...` starts N copies of a script; each joins
+# one process group (NCCL on GPUs, gloo on the CPU), takes the GPU of its local rank, trains on
+# its own share of every global batch, and DistributedDataParallel (DDP) averages the gradients
+# in backward(), so that every optimizer step is the same on every rank. --batch-size is per
+# process: one step takes N x --batch-size images. A plain `python script.py` has world size 1,
+# no process group, and every function here does nothing.
+# ---------------------------------------------------------------------------------------------
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    """Rank 0, the only process that writes options, logs, previews, checkpoints and test outputs."""
+    return rank() == 0
+
+
+def setup_distributed(name="auto"):
+    """The device, and under torchrun (which sets RANK, LOCAL_RANK, WORLD_SIZE) the process group.
+    Ranks other than 0 print nothing (their stdout goes to /dev/null; errors still reach stderr)."""
+    if "WORLD_SIZE" not in os.environ or "LOCAL_RANK" not in os.environ:
+        return pick_device(name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if int(os.environ["RANK"]) > 0:
+        sys.stdout = open(os.devnull, "w")
+    device = pick_device(name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            fail(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); start at most "
+                 "as many processes per node as there are GPUs")
+        device = torch.device("cuda", local_rank)  # under torchrun each process takes its local rank's GPU
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    atexit.register(dist.destroy_process_group)
+    print(f"distributed: {world_size()} processes ({dist.get_backend()}), --batch-size per process, "
+          f"{world_size()} x that per step")
+    return device
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """The first process on each machine goes first (a download, the toy data), the others wait at
+    a barrier and then find the data in place."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if world_size() > 1 and not first:
+        dist.barrier()
+    yield
+    if world_size() > 1 and first:
+        dist.barrier()
+
+
+class _Methods(nn.Module):
+    """DDP averages the gradients of what runs through its forward() only. A network used through
+    other methods (MUNIT's encode and decode) is wrapped in this, and wrapper.encode(x) becomes
+    DDP(this)(x, method="encode"), so DDP sees those calls too."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs, method="forward"):
+        return getattr(self.net, method)(*inputs)
+
+
+def distribute(nets, device, find_unused=(), methods=()):
+    """World size 1: the networks as they are. Else each wrapped in DDP (which first copies rank
+    0's weights to every rank), BatchNorm made SyncBatchNorm on GPUs (statistics over the global
+    batch), and the RNGs of ranks > 0 reseeded so that ranks draw different z and dropout masks.
+    find_unused: networks with parameters that get no gradient in a step (a logvar head whose
+    output no loss reads); DDP then searches the graph for them after each forward (a little
+    slower) instead of waiting for their gradients forever. methods: calls, besides forward, that
+    train_step makes (MUNIT's encode, decode): they are routed through DDP's forward.
+    The plain networks stay what the checkpoint, the previews and the test use."""
+    if world_size() == 1:
+        return nets
+    if device.type == "cuda":
+        nets = [nn.SyncBatchNorm.convert_sync_batchnorm(net) for net in nets]  # in place: same parameters
+    elif any(isinstance(m, nn.BatchNorm2d) for net in nets for m in net.modules()):
+        print("note: --norm batch on the CPU: each process normalises with its own batch's statistics "
+              "(SyncBatchNorm needs GPUs)")
+    wrapped = []
+    for net in nets:
+        unused = any(net is n for n in find_unused)
+        ddp = nn.parallel.DistributedDataParallel(
+            _Methods(net) if methods else net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused)
+        for name in methods:
+            if hasattr(net, name):
+                setattr(ddp, name, functools.partial(ddp, method=name))
+        wrapped.append(ddp)
+    seed_everything(torch.initial_seed() + rank())  # rank 0 keeps the stream of a single process
+    return wrapped
+
+
+def epoch_order(n, batch_size, epoch, seed, skip_batches=0, rank=0, world=1):
+    """The indices one rank reads in an epoch. One shuffle of the n examples, fixed by (seed,
+    epoch), is cut into global batches of world x batch_size; rank r takes the r-th batch_size
+    slice of each, so the ranks together read exactly the batches a single process with
+    --batch-size world x batch_size would. The first skip_batches global batches (already trained
+    on before a resume) are skipped; with world > 1 only whole global batches are kept, so that
+    every rank takes as many steps."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=generator)[skip_batches * batch_size * world:].tolist()
+    if world == 1:
+        return order
+    size = batch_size * world
+    return [i for start in range(0, len(order) - size + 1, size)
+            for i in order[start + rank * batch_size:start + (rank + 1) * batch_size]]
+
+
+def mean_over_ranks(losses):
+    """Loss tensors -> floats for the log, averaged over ranks: the losses of the global batch.
+    One host sync (and under torchrun one all-reduce), so call it only on logged iterations."""
+    if world_size() == 1:
+        return {k: v.item() for k, v in losses.items()}
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    dist.all_reduce(values)
+    return dict(zip(losses, (values / world_size()).tolist()))
+
+
+def rank_states(parts):
+    """What each rank keeps for itself, gathered for the checkpoint: its RNG states and its image
+    pools (its own past fakes). Every rank must call this (it is a collective)."""
+    if world_size() == 1:
+        return {}
+    own = {"rng": rng_state()} | {n: p.state_dict() for n, p in parts.items() if isinstance(p, ImagePool)}
+    states = [None] * world_size()
+    dist.all_gather_object(states, own)
+    return {"world_size": world_size(), "ranks": states}
+
+
+def restore_rank_state(ckpt, parts):
+    """After the shared state is loaded: give each rank its own RNG states and pools back, and
+    return the global batch to continue from. A checkpoint of another world size continues the
+    weights and optimizers; its batches are re-cut, so the data order and random draws change."""
+    saved_world, saved = ckpt.get("world_size", 1), ckpt.get("ranks", [])
+    if 0 < rank() < len(saved):
+        set_rng_state(saved[rank()]["rng"])
+        for name, part in parts.items():
+            if isinstance(part, ImagePool) and name in saved[rank()]:
+                part.load_state_dict(saved[rank()][name])
+    elif rank() > 0:  # a rank the checkpoint did not have: fresh draws, not a copy of rank 0's
+        seed_everything(ckpt.get("args", {}).get("seed", 0) + ckpt["step"] + rank())
+    if saved_world == world_size():
+        return ckpt["batch"]
+    print(f"note: the checkpoint was written by {saved_world} process(es), this run has {world_size()}: "
+          "the weights continue, but the data order and the random draws change")
+    return ckpt["batch"] * saved_world // world_size()
+
+
+# ---------------------------------------------------------------------------------------------
 # Run folder: options, checkpoints, logs, sample grids
 # ---------------------------------------------------------------------------------------------
 def default_out(args, script):
@@ -1017,6 +1180,8 @@ def parse_with_quick(parser, argv=None, **extra):
 
 
 def save_options(args, out):
+    if not is_main():  # Multi-GPU: rank 0 writes the options
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "options.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
@@ -1049,6 +1214,8 @@ def save_checkpoint(path, state):
     """Write to a temporary file, flush it to the disk and rename it over the old one: a run
     killed while saving leaves the previous checkpoint intact, never a broken one; so does a full
     disk or a failed rename, which stop with one sentence."""
+    if not is_main():  # Multi-GPU: rank 0 writes the one checkpoint (rank_states holds the others')
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -1104,6 +1271,7 @@ def training_state(parts, **progress):
     pools: anything with state_dict()), the RNG states, and progress (epoch, batch, step, args),
     tagged with the checkpoint format and the script that wrote it (see load_checkpoint)."""
     state = {name: part.state_dict() for name, part in parts.items()} | {"rng": rng_state()} | progress
+    state |= rank_states(parts)  # Multi-GPU: every rank's RNG states and pools
     return state | {"format": CHECKPOINT_FORMAT, "script": progress.get("args", {}).get("script")}
 
 
@@ -1137,8 +1305,9 @@ def resume(path, device, args, parts):
         else:
             part.load_state_dict(ckpt[name])
     set_rng_state(ckpt["rng"])
+    batch = restore_rank_state(ckpt, parts)  # Multi-GPU: each rank's own RNG and pools
     print(f"resumed from step {ckpt['step']} (epoch {ckpt['epoch']}, batch {ckpt['batch']})")
-    return ckpt["epoch"], ckpt["batch"], ckpt["step"]
+    return ckpt["epoch"], batch, ckpt["step"]
 
 
 # Options that fix the shape of the networks: a resumed or tested run takes them from its checkpoint.
@@ -1164,6 +1333,9 @@ class LossLog:
 
     def __init__(self, path, resume=False):
         self.path = Path(path)
+        if not is_main():  # Multi-GPU: rank 0 alone keeps the log
+            self.write = lambda row: None
+            return
         if not resume and self.path.exists():
             self.path.unlink()
         self.fields = None
@@ -1193,7 +1365,7 @@ def read_losses(path):
 
 def progress(total, initial=0, desc="train"):
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True,
-                disable=os.environ.get("NO_PROGRESS") == "1")
+                disable=os.environ.get("NO_PROGRESS") == "1" or not is_main())
 
 
 class Throughput:
@@ -1236,8 +1408,13 @@ class Throughput:
 
     def report(self):
         line = f"throughput: {self.rate():.2f} images/s over {self.images} images after {self.warmup} warm-up iterations"
+        if world_size() > 1:  # the loop counts every rank's images: this is all ranks together
+            line += f" ({world_size()} processes together)"
         if self.device.type == "cuda":
-            line += f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.2f} GiB"
+            peaks = [torch.cuda.max_memory_allocated(self.device) / 2 ** 30] * world_size()
+            if world_size() > 1:  # Multi-GPU: every rank's own GPU
+                dist.all_gather_object(peaks, peaks[0])
+            line += f", peak GPU memory {', '.join(f'{p:.2f}' for p in peaks)} GiB" + (" per GPU" if len(peaks) > 1 else "")
         print(line)
 
 

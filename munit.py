@@ -373,14 +373,18 @@ def test(args, device):
 # 7. Main: a plain loop over epochs and batches
 # ---------------------------------------------------------------------------------------------
 def main(args):
-    device = common.pick_device(args.device)
+    device = common.setup_distributed(args.device)  # Multi-GPU: torchrun -> process group, GPU of this rank
     if args.test:
-        return test(args, device)
+        return test(args, device) if common.is_main() else None  # Multi-GPU: rank 0 tests
     out = common.default_out(args, __file__)
     dataset = common.keep_in_memory(common.unpaired_dataset(args, train=True), device, args)  # decoded once
     common.check_trainable(dataset, args.batch_size)
     common.seed_everything(args.seed)
     nets = common.speed_up(build_networks(args, device), args)  # --channels-last, --compile
+    # Multi-GPU: train_step gets the networks wrapped in DDP, which averages gradients over ranks
+    # (world size 1: the same networks); checkpoints, previews and the test use the plain ones.
+    # The generators are used through encode/decode, not forward: DDP is told to watch those.
+    train_nets = common.distribute(nets, device, methods=("encode", "decode"))
     gen_a, gen_b, dis_a, dis_b = nets
     # One optimizer for both generators, one for both Ds; lr x 1/2 every --step-size iterations (official)
     betas = (args.beta1, 0.999)
@@ -402,7 +406,7 @@ def main(args):
         common.save_checkpoint(out / "latest.pt", state)
 
     total_epochs = args.epochs + args.epochs_decay
-    per_epoch = len(dataset) // args.batch_size
+    per_epoch = len(dataset) // (args.batch_size * common.world_size())  # Multi-GPU: --batch-size per rank
     total = min(args.max_iters or 10 ** 12, total_epochs * per_epoch)
     bar, speed = common.progress(total, step), common.Throughput(device)
     done = step >= total
@@ -413,14 +417,14 @@ def main(args):
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
             with common.mixed_precision(device, args.amp):  # --amp: bf16 autocast
-                losses = train_step(nets, optims, real_A, real_B, args)
+                losses = train_step(train_nets, optims, real_A, real_B, args)
             for scheduler in schedulers:  # per iteration (official)
                 scheduler.step()
             step += 1
-            speed.step(args.batch_size)
+            speed.step(args.batch_size * common.world_size())  # images of all ranks
             bar.update(1)
             if step % args.log_every == 0 or step == total:
-                values = {k: v.item() for k, v in losses.items()}  # the only host sync of the loop
+                values = common.mean_over_ranks(losses)  # the only host sync of the loop (mean over ranks)
                 bar.set_postfix(values | {"img/s": round(speed.rate(), 1)})
                 log.write({"step": step, "epoch": epoch, "lr": optims[0].param_groups[0]["lr"]} | values)
             if step >= total:
@@ -432,7 +436,8 @@ def main(args):
             save(epoch, batch_index + 1)
             break
         epoch += 1
-        sample_grid(gen_a, gen_b, preview, styles_preview, out / f"samples_epoch_{epoch:03d}.png", device)
+        if common.is_main():  # Multi-GPU: rank 0 writes the preview
+            sample_grid(gen_a, gen_b, preview, styles_preview, out / f"samples_epoch_{epoch:03d}.png", device)
         save(epoch, 0)
     bar.close()
     speed.report()

@@ -214,14 +214,17 @@ def test(args, device):
 # 7. Main: a plain loop over epochs and batches
 # ---------------------------------------------------------------------------------------------
 def main(args):
-    device = common.pick_device(args.device)
+    device = common.setup_distributed(args.device)  # Multi-GPU: torchrun -> process group, GPU of this rank
     if args.test:
-        return test(args, device)
+        return test(args, device) if common.is_main() else None  # Multi-GPU: rank 0 tests
     out = common.default_out(args, __file__)
     dataset = common.keep_in_memory(common.paired_dataset(args, train=True), device, args)  # decoded once
     common.check_trainable(dataset, args.batch_size)
     common.seed_everything(args.seed)
     nets = common.speed_up(build_networks(args, device), args)  # --channels-last, --compile
+    # Multi-GPU: train_step gets the networks wrapped in DDP, which averages gradients over ranks
+    # (world size 1: the same networks); checkpoints, previews and the test use the plain ones.
+    train_nets = common.distribute(nets, device)
     optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
     schedulers = [common.linear_decay(opt, args.epochs, args.epochs_decay) for opt in optims]
     names = ["netG", "netD"]
@@ -241,7 +244,7 @@ def main(args):
         common.save_checkpoint(out / "latest.pt", state)
 
     total_epochs = args.epochs + args.epochs_decay
-    per_epoch = len(dataset) // args.batch_size
+    per_epoch = len(dataset) // (args.batch_size * common.world_size())  # Multi-GPU: --batch-size per rank
     total = min(args.max_iters or 10 ** 12, total_epochs * per_epoch)
     bar, speed = common.progress(total, step), common.Throughput(device)
     done = step >= total
@@ -252,12 +255,12 @@ def main(args):
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
             with common.mixed_precision(device, args.amp):  # --amp: bf16 autocast
-                losses = train_step(nets, optims, real_A, real_B, args)
+                losses = train_step(train_nets, optims, real_A, real_B, args)
             step += 1
-            speed.step(args.batch_size)
+            speed.step(args.batch_size * common.world_size())  # images of all ranks
             bar.update(1)
             if step % args.log_every == 0 or step == total:
-                values = {k: v.item() for k, v in losses.items()}  # the only host sync of the loop
+                values = common.mean_over_ranks(losses)  # the only host sync of the loop (mean over ranks)
                 bar.set_postfix(values | {"img/s": round(speed.rate(), 1)})
                 log.write({"step": step, "epoch": epoch, "lr": optims[0].param_groups[0]["lr"]} | values)
             if step >= total:
@@ -271,7 +274,8 @@ def main(args):
         for scheduler in schedulers:
             scheduler.step()
         epoch += 1
-        sample_grid(nets[0], preview, z_preview, out / f"samples_epoch_{epoch:03d}.png", device)
+        if common.is_main():  # Multi-GPU: rank 0 writes the preview
+            sample_grid(nets[0], preview, z_preview, out / f"samples_epoch_{epoch:03d}.png", device)
         save(epoch, 0)
     bar.close()
     speed.report()
