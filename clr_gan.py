@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--crop-size", type=int, help="training crop size = network input size (default: per dataset)")
     p.add_argument("--input-nc", type=int, help="input channels (1 for edges2*, default: per dataset)")
     p.add_argument("--output-nc", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=2, help="all of it random (2: as many images a step as bicyclegan.py)")
+    p.add_argument("--batch-size", type=int, default=2, help="all of it random (2: as many images a step as bicyclegan.py)"
+                   "; per process under torchrun (README, Multi-GPU)")
     p.add_argument("--epochs", type=int, help="epochs at the initial learning rate (default: per dataset)")
     p.add_argument("--epochs-decay", type=int, help="epochs of linear decay to zero (default: per dataset)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (paper §4)")

@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--crop-size", type=int, help="training crop size = network input size (default: per dataset)")
     p.add_argument("--input-nc", type=int, help="channels of domain A (default: per dataset)")
     p.add_argument("--output-nc", type=int, default=3, help="channels of domain B")
-    p.add_argument("--batch-size", type=int, default=1, help="paper §4: 1")
+    p.add_argument("--batch-size", type=int, default=1, help="paper §4: 1"
+                   "; per process under torchrun (README, Multi-GPU)")
     p.add_argument("--epochs", type=int, help="epochs at the initial learning rate (paper: 100)")
     p.add_argument("--epochs-decay", type=int, help="epochs of linear decay to zero (paper: 100)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (paper §4)")

@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--crop-size", type=int, help="training crop size = network input size (default: per dataset)")
     p.add_argument("--input-nc", type=int, help="channels of domain A (default: per dataset)")
     p.add_argument("--output-nc", type=int, default=3, help="channels of domain B")
-    p.add_argument("--batch-size", type=int, default=1, help="official: 1")
+    p.add_argument("--batch-size", type=int, default=1, help="official: 1"
+                   "; per process under torchrun (README, Multi-GPU)")
     p.add_argument("--epochs", type=int, help="epochs to run (default: per dataset; see the docstring)")
     p.add_argument("--epochs-decay", type=int, help="more epochs to run (no linear decay in MUNIT)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (official)")
