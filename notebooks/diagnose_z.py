@@ -75,6 +75,26 @@ def probes(netG, netE, train, test, nz, generator):
             "valid": round(sum(valid) / len(valid), 3)}
 
 
+@torch.no_grad()
+def pathways(size=64, ngf=16, norm="instance", seed=0):
+    """At initialisation: how much the output moves when z moves, with z reaching G through all
+    levels or through one down level only (the z weights of the other levels set to zero)."""
+    torch.manual_seed(seed)
+    netG = common.init_weights(common.UNetGenerator(3, 3, 8, size, ngf, norm, use_dropout=False), "xavier", 0.02)
+    A = torch.rand(4, 3, size, size) * 2 - 1
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    result = {"all": float((netG(A, z1) - netG(A, z2)).abs().mean())}
+    state = {k: v.clone() for k, v in netG.state_dict().items()}
+    for keep in range(len(netG.downs)):
+        netG.load_state_dict(state)
+        for d, down in enumerate(netG.downs):
+            conv = next(m for m in down if isinstance(m, torch.nn.Conv2d))
+            if d != keep:
+                conv.weight[:, conv.in_channels - 8:] = 0  # the last 8 input channels are the tiled z
+        result[f"level {keep}"] = float((netG(A, z1) - netG(A, z2)).abs().mean())
+    return result
+
+
 def run(variant, seed, iters, probe_every, flags, epoch_size=200):
     args = bicyclegan.parse_args(["--seed", str(seed)] + flags)
     common.seed_everything(seed)
@@ -120,9 +140,15 @@ def main():
     p.add_argument("--iters", type=int, default=6000)
     p.add_argument("--probe-every", type=int, default=1000)
     p.add_argument("--out", default="runs/diagnose_z")
+    p.add_argument("--pathways", action="store_true", help="only the per-level z pathways at initialisation")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="bicyclegan.py flags for every run")
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.pathways:
+        for size, ngf in ((64, 16), (256, 64)):
+            for norm in ("instance", "batch", "none"):
+                print(f"{size} px, ngf {ngf}, {norm}:", {k: f"{v:.1e}" for k, v in pathways(size, ngf, norm).items()})
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for variant in a.variant or ["fixed400"]:
