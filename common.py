@@ -1329,7 +1329,9 @@ def restore_arch_options(args, saved):
 
 
 class LossLog:
-    """Appends rows of losses to <out>/losses.csv (columns fixed by the first row)."""
+    """Appends rows of losses to <out>/losses.csv. Columns come from the first row; a row with a
+    new column (the epoch previews' diversity) rewrites the file once with the column added, so
+    that every row keeps its values and other rows leave that cell empty."""
 
     def __init__(self, path, resume=False):
         self.path = Path(path)
@@ -1344,23 +1346,32 @@ class LossLog:
                 self.fields = next(csv.reader(f), None)
 
     def write(self, row):
-        new = not self.path.exists() or self.fields is None
-        if new:
-            self.fields = list(row)
+        if self.fields is not None and not set(row) <= set(self.fields):
+            with open(self.path) as f:
+                rows = list(csv.DictReader(f))
+            self.fields += [k for k in row if k not in self.fields]
+            self._write(rows, "w")
+        self._write([row], "a")
+
+    def _write(self, rows, mode):
+        new = mode == "w" or not self.path.exists() or self.fields is None
+        if self.fields is None:
+            self.fields = list(rows[0])
         try:
-            with open(self.path, "a", newline="") as f:
+            with open(self.path, mode, newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
                 if new:
                     writer.writeheader()
-                writer.writerow(row)
+                writer.writerows(rows)
         except OSError as e:
             cannot_write(self.path, e)
 
 
 def read_losses(path):
-    """A losses.csv written by LossLog -> one dict per logged iteration, values as floats."""
+    """A losses.csv written by LossLog -> one dict per logged row, values as floats (empty cells,
+    e.g. the preview columns of a loss row, are left out)."""
     with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def progress(total, initial=0, desc="train"):
@@ -1462,6 +1473,38 @@ def save_grid(rows, path, max_cell=256):
         cannot_write(path, e)
 
 
+def save_preview(rows, path, first_sample, toy=False):
+    """The epoch preview: save the grid (one row per input; the columns from first_sample on are
+    the samples for the preview's fixed codes) and measure how much each input's samples differ.
+    A generator that ignores its code draws the same image in every sample column. Returns
+    {'preview_diversity': mean pixel L1 between consecutive samples of one input} and, on the toy
+    data, 'preview_colours': the number of palette colours an input's samples reach (mean)."""
+    save_grid(rows, path)
+    samples = [row[first_sample:] for row in rows]
+    stats = {"preview_diversity": sum(pixel_diversity(s) for s in samples) / len(samples)}
+    if toy:
+        reached = [len({m for m in map(toy_mode, s) if m >= 0}) for s in samples]
+        stats["preview_colours"] = sum(reached) / len(reached)
+    return stats
+
+
+COLLAPSED_DIVERSITY = 0.01  # pixel L1 between samples; pix2pix+noise sits at ~0.002 on the toy data
+
+
+def log_preview(stats, log, bar, step, epoch):
+    """Write a preview's diversity to losses.csv and the progress bar, and warn in one line when
+    the samples of an input no longer differ: the sign that G has learnt to ignore z."""
+    log.write({"step": step, "epoch": epoch} | {k: round(v, 5) for k, v in stats.items()})
+    colours = stats.get("preview_colours")
+    bar.set_description("train (preview: diversity {:.3f}{})".format(
+        stats["preview_diversity"], "" if colours is None else f", {colours:.1f} colours"))
+    if stats["preview_diversity"] < COLLAPSED_DIVERSITY or (colours is not None and 0 < colours <= 1):
+        what = f"{stats['preview_diversity']:.4f} mean pixel L1 between samples"
+        what += "" if colours is None else f", {colours:.1f} colour(s) per input"
+        bar.write(f"warning: epoch {epoch}: the preview's samples of one input hardly differ ({what}): "
+                  "G is ignoring its code (mode collapse); see README, 'When G ignores z'")
+
+
 def save_test_outputs(out_dir, stem, images):
     """The shared --test layout: <out>/test/<input stem>/<name>.png for each (name, image)."""
     folder = Path(out_dir) / stem
@@ -1534,6 +1577,11 @@ def is_toy(dataset):
     return dataset == "toy" or (stamp.exists() and stamp.read_text().startswith("toy"))
 
 
+def toy_outputs(args):
+    """Whether a script's outputs are toy images that toy_mode can score (toy data, AtoB)."""
+    return is_toy(args.dataset) and getattr(args, "direction", "AtoB") == "AtoB"
+
+
 def sample_pairs(n):
     """The pairs of samples compared for diversity: consecutive ones, (0, 1), (1, 2), ... -- with
     20 samples for each of 100 inputs this is the BicycleGAN paper's 1900 pairs (Fig. 6)."""
@@ -1595,7 +1643,7 @@ def write_test_results(folder, results, args, toy=None):
     shutil.rmtree(folder, ignore_errors=True)  # no stale files from an earlier test run
     folder.mkdir(parents=True)
     if toy is None:
-        toy = is_toy(args.dataset) and getattr(args, "direction", "AtoB") == "AtoB"
+        toy = toy_outputs(args)
     rows, scores, diversity = [], [], []
     lpips_models = {}
     if os.environ.get("LPIPS") != "off":

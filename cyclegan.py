@@ -292,6 +292,9 @@ def main(args):
     bar.close()
     speed.report()
     print(f"checkpoint: {out / 'latest.pt'}; test with: python {Path(__file__).name} --test --out {out}")
+    if common.is_main() and common.is_toy(args.dataset) and epoch == total_epochs:  # the toy demo tests itself
+        args.test = True
+        test(args, device)
 
 
 if __name__ == "__main__":

@@ -326,7 +326,7 @@ def translate(gen_a, gen_b, real_A, styles):
     return list(gen_b.decode(content_a.expand(len(styles), -1, -1, -1), styles))
 
 
-def sample_grid(gen_a, gen_b, items, styles, path, device):
+def sample_grid(gen_a, gen_b, items, styles, path, device, toy=False):
     """Training preview: per input, real_A | its reconstruction | outputs for fixed prior styles."""
     gen_a.eval(), gen_b.eval()
     rows = []
@@ -335,8 +335,8 @@ def sample_grid(gen_a, gen_b, items, styles, path, device):
         with torch.no_grad():
             rec_A = gen_a.decode(*gen_a.encode(real_A))[0]
         rows.append([item["A"], rec_A] + translate(gen_a, gen_b, real_A, styles))
-    common.save_grid(rows, path)
     gen_a.train(), gen_b.train()
+    return common.save_preview(rows, path, first_sample=2, toy=toy)  # diversity of the styles
 
 
 def test(args, device):
@@ -400,6 +400,7 @@ def main(args):
     common.save_options(args, out)
     log = common.LossLog(out / "losses.csv", resume=args.resume)
     preview = [dataset[i] for i in range(min(4, len(dataset)))]
+    toy = common.toy_outputs(args)  # previews also count the colours their samples reach
     styles_preview = torch.randn(4, args.style_dim, 1, 1, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     def save(epoch, batch):
@@ -437,12 +438,16 @@ def main(args):
             save(epoch, batch_index + 1)
             break
         epoch += 1
-        if common.is_main():  # Multi-GPU: rank 0 writes the preview
-            sample_grid(gen_a, gen_b, preview, styles_preview, out / f"samples_epoch_{epoch:03d}.png", device)
+        if common.is_main():  # Multi-GPU: rank 0 writes the preview and logs its diversity
+            stats = sample_grid(gen_a, gen_b, preview, styles_preview, out / f"samples_epoch_{epoch:03d}.png", device, toy)
+            common.log_preview(stats, log, bar, step, epoch)  # diversity: collapse shows here
         save(epoch, 0)
     bar.close()
     speed.report()
     print(f"checkpoint: {out / 'latest.pt'}; test with: python {Path(__file__).name} --test --out {out}")
+    if common.is_main() and common.is_toy(args.dataset) and epoch == total_epochs:  # the toy demo tests itself
+        args.test = True
+        test(args, device)
 
 
 if __name__ == "__main__":

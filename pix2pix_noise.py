@@ -176,7 +176,7 @@ def translate(netG, real_A, z_random):
     return list(samples)
 
 
-def sample_grid(netG, items, z_random, path, device):
+def sample_grid(netG, items, z_random, path, device, toy=False):
     """Training preview: per input, input | ground truth | samples (fixed z)."""
     netG.eval()
     rows = []
@@ -184,8 +184,8 @@ def sample_grid(netG, items, z_random, path, device):
         real_A = item["A"][None].to(device)
         samples = translate(netG, real_A, z_random)
         rows.append([item["A"], item["B"]] + samples)
-    common.save_grid(rows, path)
     netG.train()
+    return common.save_preview(rows, path, first_sample=2, toy=toy)  # diversity of the samples
 
 
 def test(args, device):
@@ -238,6 +238,7 @@ def main(args):
     common.save_options(args, out)
     log = common.LossLog(out / "losses.csv", resume=args.resume)
     preview = [dataset[i] for i in range(min(4, len(dataset)))]
+    toy = common.toy_outputs(args)  # previews also count the colours their samples reach
     z_preview = torch.randn(4, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     def save(epoch, batch):
@@ -275,12 +276,16 @@ def main(args):
         for scheduler in schedulers:
             scheduler.step()
         epoch += 1
-        if common.is_main():  # Multi-GPU: rank 0 writes the preview
-            sample_grid(nets[0], preview, z_preview, out / f"samples_epoch_{epoch:03d}.png", device)
+        if common.is_main():  # Multi-GPU: rank 0 writes the preview and logs its diversity
+            stats = sample_grid(nets[0], preview, z_preview, out / f"samples_epoch_{epoch:03d}.png", device, toy)
+            common.log_preview(stats, log, bar, step, epoch)  # diversity: collapse shows here
         save(epoch, 0)
     bar.close()
     speed.report()
     print(f"checkpoint: {out / 'latest.pt'}; test with: python {Path(__file__).name} --test --out {out}")
+    if common.is_main() and common.is_toy(args.dataset) and epoch == total_epochs:  # the toy demo tests itself
+        args.test = True
+        test(args, device)
 
 
 if __name__ == "__main__":

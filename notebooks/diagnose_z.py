@@ -1,0 +1,163 @@
+"""Why does BicycleGAN's G ignore z on the toy data? Controlled probes, one factor at a time.
+
+Trains bicyclegan.py's own train_step and networks on the toy task and, every --probe-every
+iterations, measures:
+- z_effect: mean L1 (images in [0, 1]) between G(A, z1) and G(A, z2) for prior codes, over 16
+  training inputs (eval mode): how much the output moves when z moves;
+- enc_train / enc_test: share of inputs whose encoded output G(A, mu(E(B))) has the ground
+  truth's colour, on 40 training and the 20 test pairs;
+- probe: accuracy of a nearest-centroid classifier of the target colour on E's mu (fitted on
+  training pairs, scored on test pairs): does E's code carry the colour at all;
+- coverage / valid: the toy metrics of 10 prior samples per test input.
+
+    python notebooks/diagnose_z.py --seeds 0 1 --iters 6000 --variant fixed400 --variant fresh
+
+Variants change one thing against the default toy run (400 fixed pairs, 16-channel nets):
+fixed<N> (N fixed training pairs), fresh (new pairs every epoch), and any bicyclegan.py flag
+after --flags (e.g. --flags --where-add input).
+"""
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import bicyclegan  # noqa: E402
+import common  # noqa: E402
+
+
+def toy_pairs(count, seed):
+    """count (A, B, colour) toy pairs drawn by the toy data's own generator."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count):
+        shape, colour = common._toy_shape(rng), rng.randrange(len(common.TOY_PALETTE))
+        A = common.to_tensor(common.draw_toy(shape), 3)
+        B = common.to_tensor(common.draw_toy(shape, colour), 3)
+        pairs.append((A, B, colour))
+    return pairs
+
+
+@torch.no_grad()
+def probes(netG, netE, train, test, nz, generator):
+    netG.eval(), netE.eval()
+    A = torch.stack([a for a, _, _ in train[:16]])
+    z1, z2 = torch.randn(16, nz, generator=generator), torch.randn(16, nz, generator=generator)
+    z_effect = float(((netG(A, z1) - netG(A, z2)).abs() / 2).mean())
+
+    def encoded_accuracy(pairs):
+        A = torch.stack([a for a, _, _ in pairs])
+        B = torch.stack([b for _, b, _ in pairs])
+        mu, _ = netE(B)
+        out = netG(A, mu)
+        return sum(common.toy_mode(o) == c for o, (_, _, c) in zip(out, pairs)) / len(pairs), mu
+
+    enc_train, mu_train = encoded_accuracy(train[:200])
+    enc_test, mu_test = encoded_accuracy(test)
+    colours_train = torch.tensor([c for _, _, c in train[:200]])
+    centroids = torch.stack([mu_train[colours_train == k].mean(0) if (colours_train == k).any()
+                             else torch.full((nz,), float("inf")) for k in range(4)])
+    guess = torch.cdist(mu_test, centroids).argmin(1)
+    probe = float((guess == torch.tensor([c for _, _, c in test])).float().mean())
+    cover, valid = [], []
+    for a, _, _ in test:
+        z = torch.randn(10, nz, generator=generator)
+        s = common.toy_scores(a, list(netG(a[None].expand(10, -1, -1, -1), z)))
+        cover.append(s["coverage"]), valid.append(s["valid"])
+    netG.train(), netE.train()
+    return {"z_effect": round(z_effect, 4), "enc_train": round(enc_train, 3), "enc_test": round(enc_test, 3),
+            "probe": round(probe, 3), "coverage": round(sum(cover) / len(cover), 3),
+            "valid": round(sum(valid) / len(valid), 3)}
+
+
+@torch.no_grad()
+def pathways(size=64, ngf=16, norm="instance", seed=0):
+    """At initialisation: how much the output moves when z moves, with z reaching G through all
+    levels or through one down level only (the z weights of the other levels set to zero)."""
+    torch.manual_seed(seed)
+    netG = common.init_weights(common.UNetGenerator(3, 3, 8, size, ngf, norm, use_dropout=False), "xavier", 0.02)
+    A = torch.rand(4, 3, size, size) * 2 - 1
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    result = {"all": float((netG(A, z1) - netG(A, z2)).abs().mean())}
+    state = {k: v.clone() for k, v in netG.state_dict().items()}
+    for keep in range(len(netG.downs)):
+        netG.load_state_dict(state)
+        for d, down in enumerate(netG.downs):
+            conv = next(m for m in down if isinstance(m, torch.nn.Conv2d))
+            if d != keep:
+                conv.weight[:, conv.in_channels - 8:] = 0  # the last 8 input channels are the tiled z
+        result[f"level {keep}"] = float((netG(A, z1) - netG(A, z2)).abs().mean())
+    return result
+
+
+def run(variant, seed, iters, probe_every, flags, epoch_size=200):
+    args = bicyclegan.parse_args(["--seed", str(seed)] + flags)
+    common.seed_everything(seed)
+    nets = bicyclegan.build_networks(args, torch.device("cpu"))
+    optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
+    epochs = iters // epoch_size
+    schedulers = [common.linear_decay(opt, epochs // 2, epochs - epochs // 2) for opt in optims]
+    test = toy_pairs(20, 10_000 + seed)
+    fresh = variant == "fresh"
+    n_pairs = 400 if fresh else int(variant.removeprefix("fixed"))
+    train = toy_pairs(n_pairs, seed)
+    generator = torch.Generator().manual_seed(1234)
+    history = [dict(step=0, **probes(nets[0], nets[1], train, test, args.nz, generator))]
+    step, start = 0, time.process_time()
+    stream = torch.Generator().manual_seed(seed * 100003)
+    order = []
+    for epoch in range(epochs):
+        if fresh and epoch > 0:
+            train, order = toy_pairs(n_pairs, seed * 1000 + epoch), []
+        for _ in range(epoch_size):
+            if len(order) < args.batch_size:  # a new pass over the training pairs
+                order = torch.randperm(len(train), generator=stream).tolist()
+            idx, order = order[:args.batch_size], order[args.batch_size:]
+            A = torch.stack([train[j][0] for j in idx])
+            B = torch.stack([train[j][1] for j in idx])
+            if torch.rand((), generator=stream) < 0.5:  # the toy's horizontal flip
+                A, B = A.flip(-1), B.flip(-1)
+            bicyclegan.train_step(nets, optims, A, B, args)
+            step += 1
+            if step % probe_every == 0:
+                history.append(dict(step=step, **probes(nets[0], nets[1], train, test, args.nz, generator)))
+                print(variant, " ".join(flags), seed, history[-1], f"cpu {time.process_time() - start:.0f}s",
+                      flush=True)
+        for s in schedulers:
+            s.step()
+    return history
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", action="append", help="fixed<N> or fresh (repeatable; default fixed400)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--iters", type=int, default=6000)
+    p.add_argument("--probe-every", type=int, default=1000)
+    p.add_argument("--out", default="runs/diagnose_z")
+    p.add_argument("--pathways", action="store_true", help="only the per-level z pathways at initialisation")
+    p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="bicyclegan.py flags for every run")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    if a.pathways:
+        for size, ngf in ((64, 16), (256, 64)):
+            for norm in ("instance", "batch", "none"):
+                print(f"{size} px, ngf {ngf}, {norm}:", {k: f"{v:.1e}" for k, v in pathways(size, ngf, norm).items()})
+        return
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for variant in a.variant or ["fixed400"]:
+        for seed in a.seeds:
+            name = f"{variant}{'_'.join(a.flags).replace('--', '_')}_seed{seed}"
+            history = run(variant, seed, a.iters, a.probe_every, a.flags)
+            (out / f"{name}.json").write_text(json.dumps({"variant": variant, "flags": a.flags, "seed": seed,
+                                                          "history": history}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
