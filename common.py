@@ -168,6 +168,16 @@ PAIRED_DATASETS = {
     "toy": dict(direction="AtoB", epochs=15, epochs_decay=15, load_size=64, crop_size=64, input_nc=3,
                 ngf=16, nef=16, ndf=16),
 }
+# The toy demo's training choices for the five paired scripts, whose G is the U-Net (README, "When G
+# ignores z"): 16 pairs a step (8 per half-batch) and batch norm in every network. On the toy's flat,
+# piecewise-constant images, instance norm removes the per-image offset that a spatially constant z
+# adds at each normalised level, and G settles on two colours; batch norm over several images keeps
+# it. Real data sets keep the official batch size and instance norm; flags still win.
+TOY_PAIRED_TRAINING = dict(batch_size=16, norm="batch", epochs=60, epochs_decay=60)  # 25 steps an epoch: 3000 in all
+# bicyclegan.py and divco.py sum the KL over the encoded half-batch, as the official code (one image
+# at its batch 2); at 16 pairs a step that would weigh the KL 8x more per image against the image
+# L1, which is a mean. Their toy default keeps the official per-image balance: lambda_KL 0.01 / 8.
+TOY_SUMMED_KL = 0.01 * 2 / 16
 # Unpaired names (trainA/ trainB/ testA/ testB/), official CycleGAN zips and training options
 # (100 + 100 epochs, load 286, crop 256). maps and facades also exist paired: their unpaired
 # copies get their own folders.
@@ -1167,14 +1177,18 @@ def default_out(args, script):
     return Path(args.out)
 
 
-def parse_with_quick(parser, argv=None, **extra):
+def parse_with_quick(parser, argv=None, toy=None, **extra):
     """Parse the flags; with --quick, a smoke configuration (toy data, 64 px, a few iterations,
     plus the script's `extra`, e.g. narrow nets) replaces the defaults. Flags given explicitly
-    still win, so `--quick --max-iters 4` runs 4 iterations."""
+    still win, so `--quick --max-iters 4` runs 4 iterations. `toy`: the script's own defaults on
+    the toy data (TOY_PAIRED_TRAINING for the paired scripts), not used by the --quick smoke run."""
     args = parser.parse_args(argv)
     if args.quick:
         parser.set_defaults(dataset="toy", load_size=64, crop_size=64, max_iters=20, epochs=1, epochs_decay=0,
                             n_samples=3, num_test=4, log_every=5, **extra)
+        args = parser.parse_args(argv)
+    elif toy and is_toy(args.dataset) and getattr(args, "setting", "paired") == "paired":
+        parser.set_defaults(**toy)
         args = parser.parse_args(argv)
     return args
 
@@ -1644,7 +1658,7 @@ def write_test_results(folder, results, args, toy=None):
     folder.mkdir(parents=True)
     if toy is None:
         toy = toy_outputs(args)
-    rows, scores, diversity = [], [], []
+    rows, scores, diversity, encoded_right = [], [], [], []
     lpips_models = {}
     if os.environ.get("LPIPS") != "off":
         for version in ("0.1", "0.0"):  # the paper's Fig. 6 used v0.0; v0.1 gives ~2.4x larger values
@@ -1669,6 +1683,8 @@ def write_test_results(folder, results, args, toy=None):
             lpips_values[version].append(lpips_diversity(model, r["samples"]))
         if toy:
             scores.append(toy_scores(r["A"], r["samples"]))
+            if r.get("encoded") is not None and r.get("B") is not None:  # does G follow E's code?
+                encoded_right.append(toy_mode(r["encoded"]) == toy_mode(r["B"]))
     save_grid(rows[:MAX_GRID_ROWS], folder / "grid.png")
     metrics = {"inputs": len(results), "samples_per_input": len(results[0]["samples"]) if results else 0,
                "sync": bool(getattr(args, "sync", False)),
@@ -1694,6 +1710,8 @@ def write_test_results(folder, results, args, toy=None):
             "mode_counts": counts,
             "mode_entropy_vs_uniform": entropy / math.log(len(TOY_PALETTE)),
         }
+        if encoded_right:  # the encoded output (z = E's mean for the ground truth) has its colour
+            metrics["toy"]["encoded_colour_right"] = sum(encoded_right) / len(encoded_right)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = {k: v for k, v in metrics.items() if k != "toy"}
     if "toy" in metrics:

@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--input-nc", type=int, help="input channels (1 for edges2*, default: per dataset)")
     p.add_argument("--output-nc", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2, help="paired: even, half encoded, half random (official: 2)"
-                   "; per process under torchrun (README, Multi-GPU)")
+                   "; 16 on the toy data; per process under torchrun (README, Multi-GPU)")
     p.add_argument("--epochs", type=int, help="epochs at the initial learning rate (default: per dataset)")
     p.add_argument("--epochs-decay", type=int, help="epochs of linear decay to zero (default: per dataset)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (paper §4)")
@@ -91,14 +91,16 @@ def parse_args(argv=None):
     p.add_argument("--ngf", type=int, help="G width (default 64; 16 on the toy data)")
     p.add_argument("--nef", type=int, help="E width (default 64; 16 on the toy data)")
     p.add_argument("--ndf", type=int, help="D width (default 64; 16 on the toy data)")
-    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"])
+    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"],
+                   help="official: instance; batch on the toy data (README, When G ignores z)")
     p.add_argument("--encoder", default="resnet", choices=["resnet", "cnn"], help="E_ResNet (paper) or E_CNN")
     p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
     p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
     p.add_argument("--gan-mode", default="lsgan", choices=["lsgan", "vanilla"], help="paper §4: LSGAN")
     p.add_argument("--lambda-l1", type=float, default=10.0, help="lambda_opt: image L1 (paired), cycle L1 (unpaired)")
     p.add_argument("--lambda-latent", type=float, default=0.0, help="lambda_latent of Eq. (9) (DivCo paired: 0)")
-    p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9)")
+    p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.01 / 8 on the toy data, "
+                   "whose half-batch holds 8 images")
     p.add_argument("--diversity-loss", default="contrastive", choices=["contrastive", "mode-seeking", "none"])
     p.add_argument("--lambda-contra", type=float, default=0.3, help="lambda_contra (official paired: 0.3)")
     p.add_argument("--num-negatives", type=int, default=10, help="N negatives per query (official: 10)")
@@ -121,7 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same z for every test input")
     common.add_inference_flags(p, style=True)  # --input --half --resize --style --interpolate
-    args = common.parse_with_quick(p, argv, ngf=16, nef=16, ndf=16, num_workers=0)
+    toy = dict(common.TOY_PAIRED_TRAINING, lambda_kl=common.TOY_SUMMED_KL)  # the toy demo's choices (common.py)
+    args = common.parse_with_quick(p, argv, toy=toy, ngf=16, nef=16, ndf=16, num_workers=0)
     common.resolve_options(args, args.setting)
     common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
     if args.setting == "paired" and (args.batch_size < 2 or args.batch_size % 2):

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--input-nc", type=int, help="input channels (1 for edges2*, default: per dataset)")
     p.add_argument("--output-nc", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=2, help="all of it through G (2: as many images a step as bicyclegan.py)"
-                   "; per process under torchrun (README, Multi-GPU)")
+                   "; 16 on the toy data; per process under torchrun (README, Multi-GPU)")
     p.add_argument("--epochs", type=int, help="epochs at the initial learning rate (default: per dataset)")
     p.add_argument("--epochs-decay", type=int, help="epochs of linear decay to zero (default: per dataset)")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (paper §4)")
@@ -71,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--nz", type=int, default=8, help="|z| (paper §4)")
     p.add_argument("--ngf", type=int, help="G width (default 64; 16 on the toy data)")
     p.add_argument("--ndf", type=int, help="D width (default 64; 16 on the toy data)")
-    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"])
+    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"],
+                   help="official: instance; batch on the toy data (README, When G ignores z)")
     p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
     p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
     p.add_argument("--gan-mode", choices=["lsgan", "vanilla"], help="paper §4: LSGAN (vanilla with --pix2pix-original)")
@@ -92,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same z for every test input")
     common.add_inference_flags(p, style=False)  # --input --half --resize --interpolate
-    args = common.parse_with_quick(p, argv, ngf=16, ndf=16, num_workers=0)
+    args = common.parse_with_quick(p, argv, toy=common.TOY_PAIRED_TRAINING, ngf=16, ndf=16, num_workers=0)
     common.resolve_options(args)
     common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
     # pix2pix paper §3 and official code: vanilla GAN, lambda = 100; BicycleGAN paper §4: LSGAN, 10

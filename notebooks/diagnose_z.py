@@ -8,15 +8,20 @@ iterations, measures:
   truth's colour, on 40 training and the 20 test pairs;
 - probe: accuracy of a nearest-centroid classifier of the target colour on E's mu (fitted on
   training pairs, scored on test pairs): does E's code carry the colour at all;
-- coverage / valid: the toy metrics of 10 prior samples per test input.
+- coverage / valid: the toy metrics of 10 prior samples per test input;
+- enc_train_batchstats (batch norm only): enc_train with batch statistics instead of running ones.
 
-    python notebooks/diagnose_z.py --seeds 0 1 --iters 6000 --variant fixed400 --variant fresh
+    python notebooks/diagnose_z.py --seeds 0 1 --iters 2000 --probe-every 500 --flags --norm instance
+    python notebooks/diagnose_z.py --seeds 0 1 --iters 2000 --probe-every 500 --flags --norm batch
 
-Variants change one thing against the default toy run (400 fixed pairs, 16-channel nets):
-fixed<N> (N fixed training pairs), fresh (new pairs every epoch), and any bicyclegan.py flag
-after --flags (e.g. --flags --where-add input).
+The networks and losses take bicyclegan.py's toy defaults (16-channel nets, batch norm, 16 pairs
+a step, lambda_KL 0.01 / 8; common.TOY_PAIRED_TRAINING) unless --flags changes them; the old toy
+run is --flags --norm instance --batch-size 2 --lambda-kl 0.01. The schedule is the script's own:
+--iters iterations, linear decay over the second half. Variants change the data: fixed<N> (N
+fixed training pairs, default 400) or fresh (new pairs every epoch).
 """
 import argparse
+import copy
 import json
 import random
 import sys
@@ -59,6 +64,21 @@ def probes(netG, netE, train, test, nz, generator):
 
     enc_train, mu_train = encoded_accuracy(train[:200])
     enc_test, mu_test = encoded_accuracy(test)
+    batch_stats = {}
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in netG.modules()):
+        # the same encoded output with batch norm on batch statistics (8 pairs at a time, as in
+        # training) instead of its running averages: tells an eval-mode artefact from a real miss
+        G, E = copy.deepcopy(netG), copy.deepcopy(netE)
+        for m in list(G.modules()) + list(E.modules()):
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.train()
+        right = 0
+        for i in range(0, 200, 8):
+            chunk = train[i:i + 8]
+            mu, _ = E(torch.stack([b for _, b, _ in chunk]))
+            out = G(torch.stack([a for a, _, _ in chunk]), mu)
+            right += sum(common.toy_mode(o) == c for o, (_, _, c) in zip(out, chunk))
+        batch_stats = {"enc_train_batchstats": round(right / 200, 3)}
     colours_train = torch.tensor([c for _, _, c in train[:200]])
     centroids = torch.stack([mu_train[colours_train == k].mean(0) if (colours_train == k).any()
                              else torch.full((nz,), float("inf")) for k in range(4)])
@@ -72,7 +92,7 @@ def probes(netG, netE, train, test, nz, generator):
     netG.train(), netE.train()
     return {"z_effect": round(z_effect, 4), "enc_train": round(enc_train, 3), "enc_test": round(enc_test, 3),
             "probe": round(probe, 3), "coverage": round(sum(cover) / len(cover), 3),
-            "valid": round(sum(valid) / len(valid), 3)}
+            "valid": round(sum(valid) / len(valid), 3), **batch_stats}
 
 
 @torch.no_grad()

@@ -59,8 +59,13 @@ class ConstE(nn.Module):
         return self.mu.expand(x.size(0), -1), self.logvar.expand(x.size(0), -1)
 
 
+# The unit tests check the official configuration (batch 2, instance norm, lambda_KL 0.01): a real
+# data set's name gives it; the toy data's own defaults (common.TOY_PAIRED_TRAINING) differ.
+OFFICIAL = ["--dataset", "facades"]
+
+
 def stub_step(module, nets, argv):
-    args = module.parse_args(argv)
+    args = module.parse_args(OFFICIAL + argv)
     optims = [torch.optim.SGD(net.parameters(), lr=0.0) for net in nets]
     real_A, real_B = torch.rand(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)
     torch.manual_seed(0)
@@ -155,7 +160,7 @@ def test_image_l1_by_hand():
 
 # --- gradient routing, with the real (tiny) networks ---------------------------------------------
 def real_step(module, argv, seed=1):
-    args = module.parse_args(TINY + argv)
+    args = module.parse_args(OFFICIAL + TINY + argv)
     torch.manual_seed(0)
     nets = module.build_networks(args, torch.device("cpu"))
     before = [[p.detach().clone() for p in net.parameters()] for net in nets]

@@ -68,3 +68,55 @@ def test_toy_demo_ends_with_its_test_metrics(tmp_path, toy_paired):
     short = run_script("bicyclegan.py", "--quick", "--dataset", data, "--max-iters", 2, "--out", tmp_path / "short",
                        cwd=tmp_path)
     assert "mode_coverage" not in short.stdout and not (tmp_path / "short" / "test").exists()
+
+
+def two_level_map(channels=8, size=64):
+    """A flat feature map as the toy's images give it: one value inside a square, another outside."""
+    h = torch.full((1, channels, size, size), -0.5)
+    h[:, :, 16:48, 16:48] = 0.8
+    return h
+
+
+def test_instance_norm_removes_a_constant_code_batch_norm_keeps_it():
+    # The cause found for the toy demo's collapse (README, When G ignores z): a normalised U-Net
+    # level adds z as a spatially constant map and normalises right after its conv. Instance norm
+    # subtracts each image's own mean, so z's offset cancels except for the zero-padded border ring
+    # (which the flat map's small spread then magnifies: about a tenth of the effect is left);
+    # batch norm subtracts the batch's mean, so images with different codes keep different offsets.
+    torch.manual_seed(0)
+    h, z = two_level_map(), torch.randn(2, 8)
+    x = common.tile_z(h.expand(2, -1, -1, -1), z)  # the same image, two codes
+    conv = torch.nn.Conv2d(16, 16, 4, 2, 1)
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    moved = {}
+    for kind in ("instance", "batch"):
+        norm = common.norm_layer(kind)(16).train()
+        with torch.no_grad():
+            y = norm(conv(x))[interior]
+        moved[kind] = float((y[0] - y[1]).abs().mean() / y.abs().mean())
+    assert moved["batch"] > 0.3, moved
+    assert moved["instance"] < 0.2 * moved["batch"], moved
+
+
+def test_toy_defaults_are_batch_norm_at_16_for_the_paired_scripts():
+    import bicyclegan, clr_gan, cvae_gan, divco, pix2pix_noise
+    for script in (bicyclegan, clr_gan, cvae_gan, divco, pix2pix_noise):
+        toy = script.parse_args([])
+        assert (toy.batch_size, toy.norm, toy.epochs, toy.epochs_decay) == (16, "batch", 60, 60), script.__name__
+        real = script.parse_args(["--dataset", "facades"])  # real data: the official choices
+        assert (real.batch_size, real.norm, real.epochs) == (2, "instance", 200), script.__name__
+        assert script.parse_args(["--norm", "instance", "--batch-size", "4"]).norm == "instance"  # flags win
+        quick = script.parse_args(["--quick"])  # the smoke run stays small
+        assert (quick.batch_size, quick.norm) == (2, "instance"), script.__name__
+    unpaired = divco.parse_args(["--setting", "unpaired"])
+    assert (unpaired.batch_size, unpaired.norm) == (2, "instance")
+
+
+def test_toy_metrics_count_encoded_outputs_of_the_right_colour(tmp_path):
+    outline = common.to_tensor(common.draw_toy(("square", [10, 10, 40, 40])), 3)
+    results = [dict(A=outline, B=toy_image(1), encoded=toy_image(1), samples=[toy_image(0), toy_image(1)], name="a"),
+               dict(A=outline, B=toy_image(2), encoded=toy_image(3), samples=[toy_image(2), toy_image(2)], name="b")]
+    args = type("Args", (), {"dataset": "toy", "direction": "AtoB"})()
+    metrics = common.write_test_results(tmp_path / "test", results, args)
+    assert metrics["toy"]["encoded_colour_right"] == 0.5
+    assert metrics["toy"]["mode_coverage"] == (2 / 4 + 1 / 4) / 2
