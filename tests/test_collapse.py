@@ -108,6 +108,8 @@ def test_toy_defaults_are_batch_norm_at_16_for_the_paired_scripts():
         assert script.parse_args(["--norm", "instance", "--batch-size", "4"]).norm == "instance"  # flags win
         quick = script.parse_args(["--quick"])  # the smoke run stays small
         assert (quick.batch_size, quick.norm) == (2, "instance"), script.__name__
+    for script in (bicyclegan, divco):  # they sum the KL over the half-batch: 0.01 / 8 keeps its weight per image
+        assert script.parse_args([]).lambda_kl == 0.01 / 8 and script.parse_args(["--dataset", "maps"]).lambda_kl == 0.01
     unpaired = divco.parse_args(["--setting", "unpaired"])
     assert (unpaired.batch_size, unpaired.norm) == (2, "instance")
 
