@@ -1187,7 +1187,7 @@ def parse_with_quick(parser, argv=None, toy=None, **extra):
         parser.set_defaults(dataset="toy", load_size=64, crop_size=64, max_iters=20, epochs=1, epochs_decay=0,
                             n_samples=3, num_test=4, log_every=5, **extra)
         args = parser.parse_args(argv)
-    elif toy and is_toy(args.dataset) and getattr(args, "setting", "paired") == "paired":
+    elif toy and is_toy(args.dataset) and getattr(args, "setting", "paired") == "paired":  # not divco's unpaired
         parser.set_defaults(**toy)
         args = parser.parse_args(argv)
     return args

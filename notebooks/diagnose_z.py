@@ -55,11 +55,11 @@ def probes(netG, netE, train, test, nz, generator):
     z1, z2 = torch.randn(16, nz, generator=generator), torch.randn(16, nz, generator=generator)
     z_effect = float(((netG(A, z1) - netG(A, z2)).abs() / 2).mean())
 
-    def encoded_accuracy(pairs):
+    def encoded_accuracy(pairs, G=netG, E=netE):
         A = torch.stack([a for a, _, _ in pairs])
         B = torch.stack([b for _, b, _ in pairs])
-        mu, _ = netE(B)
-        out = netG(A, mu)
+        mu, _ = E(B)
+        out = G(A, mu)
         return sum(common.toy_mode(o) == c for o, (_, _, c) in zip(out, pairs)) / len(pairs), mu
 
     enc_train, mu_train = encoded_accuracy(train[:200])
@@ -72,12 +72,7 @@ def probes(netG, netE, train, test, nz, generator):
         for m in list(G.modules()) + list(E.modules()):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.train()
-        right = 0
-        for i in range(0, 200, 8):
-            chunk = train[i:i + 8]
-            mu, _ = E(torch.stack([b for _, b, _ in chunk]))
-            out = G(torch.stack([a for a, _, _ in chunk]), mu)
-            right += sum(common.toy_mode(o) == c for o, (_, _, c) in zip(out, chunk))
+        right = sum(encoded_accuracy(train[i:i + 8], G, E)[0] * 8 for i in range(0, 200, 8))
         batch_stats = {"enc_train_batchstats": round(right / 200, 3)}
     colours_train = torch.tensor([c for _, _, c in train[:200]])
     centroids = torch.stack([mu_train[colours_train == k].mean(0) if (colours_train == k).any()
