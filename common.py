@@ -660,11 +660,15 @@ def check_trainable(dataset, batch_size):
 # Network blocks
 # ---------------------------------------------------------------------------------------------
 def norm_layer(kind):
-    """'instance' (no affine, as the official BicycleGAN/CycleGAN), 'batch', or 'none'."""
+    """'instance' (no affine, as the official BicycleGAN/CycleGAN), 'batch', 'layer' (one group
+    norm over each image's channels and pixels, with affine: per image like instance norm, yet it
+    keeps a code's per-channel offsets; README, When G ignores z), or 'none'."""
     if kind == "instance":
         return functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
     if kind == "batch":
         return functools.partial(nn.BatchNorm2d, affine=True)
+    if kind == "layer":
+        return functools.partial(nn.GroupNorm, 1)
     return lambda channels: nn.Identity()
 
 
@@ -932,7 +936,7 @@ def init_weights(net, kind="normal", gain=0.02):
                 nn.init.normal_(m.weight, 0.0, gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.normal_(m.weight, 1.0, gain)
             nn.init.zeros_(m.bias)
     return net

@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--ngf", type=int, help="G and F width (default 64; 16 on the toy data)")
     p.add_argument("--ndf", type=int, help="D width (default 64; 16 on the toy data)")
     p.add_argument("--n-blocks", type=int, help="residual blocks in G and F (default: 9 at >= 256 px, else 6)")
-    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"])
+    p.add_argument("--norm", default="instance", choices=["instance", "batch", "layer", "none"])
     p.add_argument("--gan-mode", default="lsgan", choices=["lsgan", "vanilla"], help="paper §4: least squares")
     p.add_argument("--lambda-cyc", type=float, default=10.0, help="lambda of Eq. (3), both cycles (paper §4)")
     p.add_argument("--lambda-idt", type=float, default=0.5, help="identity weight x lambda (§5.2); 0: off")

@@ -71,8 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--nz", type=int, default=8, help="|z| (paper §4)")
     p.add_argument("--ngf", type=int, help="G width (default 64; 16 on the toy data)")
     p.add_argument("--ndf", type=int, help="D width (default 64; 16 on the toy data)")
-    p.add_argument("--norm", default="instance", choices=["instance", "batch", "none"],
-                   help="official: instance; batch on the toy data (README, When G ignores z)")
+    p.add_argument("--norm", default="instance", choices=["instance", "batch", "layer", "none"],
+                   help="official: instance; batch on the toy data; layer: one group norm per image "
+                   "(README, When G ignores z)")
     p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
     p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
     p.add_argument("--gan-mode", choices=["lsgan", "vanilla"], help="paper §4: LSGAN (vanilla with --pix2pix-original)")

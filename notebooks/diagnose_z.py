@@ -9,7 +9,10 @@ iterations, measures:
 - probe: accuracy of a nearest-centroid classifier of the target colour on E's mu (fitted on
   training pairs, scored on test pairs): does E's code carry the colour at all;
 - coverage / valid: the toy metrics of 10 prior samples per test input;
-- enc_train_batchstats (batch norm only): enc_train with batch statistics instead of running ones.
+- enc_train_batchstats (batch norm only): enc_train with batch statistics instead of running ones;
+- enc_train_as_trained: enc_train as the training L1 sees it (training mode, z drawn from E(B));
+  sigma: E's mean sigma on training targets; mu_sd: the spread of E's mean over them (per dimension);
+- pull_l1 / pull_gan / pull_kl: how hard each term of the encoded half pulls on E's mean.
 
     python notebooks/diagnose_z.py --seeds 0 1 --iters 2000 --probe-every 500 --flags --norm instance
     python notebooks/diagnose_z.py --seeds 0 1 --iters 2000 --probe-every 500 --flags --norm batch
@@ -48,8 +51,32 @@ def toy_pairs(count, seed):
     return pairs
 
 
+def pulls_on_mu(netG, netE, netD, train, generator, lambda_l1, lambda_kl, gan_mode):
+    """What each loss term of the encoded half asks of E's mean: the mean |d term / d mu| over
+    16 training pairs (two half-batches of 8, training mode, z = mu + sigma * eps as in training),
+    for the image L1, D's GAN term and the KL, each with the run's weight (L1 a mean over the 8,
+    KL a sum, as in train_step)."""
+    G, E, D = copy.deepcopy(netG).train(), copy.deepcopy(netE).train(), copy.deepcopy(netD).train()
+    pulls = {"pull_l1": 0.0, "pull_gan": 0.0, "pull_kl": 0.0}
+    for i in (0, 8):
+        A = torch.stack([a for a, _, _ in train[i:i + 8]])
+        B = torch.stack([b for _, b, _ in train[i:i + 8]])
+        with torch.enable_grad():
+            mu, logvar = E(B)
+            mu = mu.detach().requires_grad_()
+            eps = torch.randn(mu.shape, generator=generator)
+            fake = G(A, mu + eps * torch.exp(0.5 * logvar.detach()))
+            terms = {"pull_l1": lambda_l1 * bicyclegan.image_l1(fake, B),
+                     "pull_gan": common.gan_loss(D(fake), True, gan_mode),
+                     "pull_kl": lambda_kl * bicyclegan.kl_loss(mu, logvar.detach())}
+            for name, term in terms.items():
+                grad, = torch.autograd.grad(term, mu, retain_graph=True)
+                pulls[name] += float(grad.abs().mean()) / 2
+    return {k: float(f"{v:.2e}") for k, v in pulls.items()}
+
+
 @torch.no_grad()
-def probes(netG, netE, train, test, nz, generator):
+def probes(netG, netE, train, test, nz, generator, netD=None, args=None):
     netG.eval(), netE.eval()
     A = torch.stack([a for a, _, _ in train[:16]])
     z1, z2 = torch.randn(16, nz, generator=generator), torch.randn(16, nz, generator=generator)
@@ -74,6 +101,22 @@ def probes(netG, netE, train, test, nz, generator):
                 m.train()
         right = sum(encoded_accuracy(train[i:i + 8], G, E)[0] * 8 for i in range(0, 200, 8))
         batch_stats = {"enc_train_batchstats": round(right / 200, 3)}
+    # the encoded output as the L1 of training sees it: every layer in training mode (dropout,
+    # batch statistics of 8 pairs) and z drawn from E(B) by the reparameterisation, not its mean
+    G, E = copy.deepcopy(netG).train(), copy.deepcopy(netE).train()
+    right, sigma = 0, []
+    for i in range(0, 200, 8):
+        A = torch.stack([a for a, _, _ in train[i:i + 8]])
+        B = torch.stack([b for _, b, _ in train[i:i + 8]])
+        mu, logvar = E(B)
+        out = G(A, bicyclegan.reparameterize(mu, logvar))
+        right += sum(common.toy_mode(o) == c for o, (_, _, c) in zip(out, train[i:i + 8]))
+        sigma.append(torch.exp(0.5 * logvar).mean())
+    batch_stats |= {"enc_train_as_trained": round(right / 200, 3), "sigma": round(float(torch.stack(sigma).mean()), 3),
+                    "mu_sd": round(float(mu_train.std(0).mean()), 3)}
+    if args is not None:
+        batch_stats |= pulls_on_mu(netG, netE, netD, train, generator, args.lambda_l1, args.lambda_kl,
+                                   args.gan_mode)
     colours_train = torch.tensor([c for _, _, c in train[:200]])
     centroids = torch.stack([mu_train[colours_train == k].mean(0) if (colours_train == k).any()
                              else torch.full((nz,), float("inf")) for k in range(4)])
@@ -122,7 +165,7 @@ def run(variant, seed, iters, probe_every, flags, epoch_size=200):
     n_pairs = 400 if fresh else int(variant.removeprefix("fixed"))
     train = toy_pairs(n_pairs, seed)
     generator = torch.Generator().manual_seed(1234)
-    history = [dict(step=0, **probes(nets[0], nets[1], train, test, args.nz, generator))]
+    history = [dict(step=0, **probes(nets[0], nets[1], train, test, args.nz, generator, nets[2], args))]
     step, start = 0, time.process_time()
     stream = torch.Generator().manual_seed(seed * 100003)
     order = []
@@ -140,7 +183,7 @@ def run(variant, seed, iters, probe_every, flags, epoch_size=200):
             bicyclegan.train_step(nets, optims, A, B, args)
             step += 1
             if step % probe_every == 0:
-                history.append(dict(step=step, **probes(nets[0], nets[1], train, test, args.nz, generator)))
+                history.append(dict(step=step, **probes(nets[0], nets[1], train, test, args.nz, generator, nets[2], args)))
                 print(variant, " ".join(flags), seed, history[-1], f"cpu {time.process_time() - start:.0f}s",
                       flush=True)
         for s in schedulers:

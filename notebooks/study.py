@@ -6,7 +6,7 @@ it, and gathers the numbers each `--test` writes to metrics.json into a table an
     python notebooks/study.py --jobs 2              # paired methods, each on its toy schedule
     python notebooks/study.py --setting unpaired    # CycleGAN vs MUNIT
     python notebooks/study.py --iters 200 --seeds 0 --width 8 --methods BicycleGAN "pix2pix+noise"   # a taste
-    python notebooks/study.py --seeds 0 1 2 3 --methods DivCo DivCo-featnorm   # raw against normalised features
+    python notebooks/study.py --seeds 0 1 2 3 --methods DivCo DivCo-featnorm --curve div   # raw against normalised features
 
 On the toy data the truth is known: realism = share of samples that are clean toy images (one
 palette colour, background kept), diversity = share of an input's four colour modes its samples
@@ -62,8 +62,9 @@ ENCODER_SCRIPTS = ("cvae_gan.py", "clr_gan.py", "bicyclegan.py", "divco.py")
 
 def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), retrain=False, jobs=1):
     """Train and test each method for each seed; returns {method: [metrics per seed]}.
-    iters: None trains each script on its own toy schedule (15 + 15 epochs: 12000 images for
-    every method), a number trains that many iterations at a constant learning rate.
+    iters: None trains each script on its own toy schedule (paired scripts: 60 + 60 epochs at 16
+    pairs a step, 48000 images; cyclegan.py and munit.py: 15 + 15 epochs at batch 1, 12000), a
+    number trains that many iterations at a constant learning rate.
     width: --ngf/--nef/--ndf for every script (None: the scripts' defaults). jobs: runs at once."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,49 @@ def markdown_table(summary):
     return "\n".join(lines)
 
 
+def loss_curves(out, methods, seeds, column):
+    """{method: [(step, mean, sd over seeds), ...]} of one losses.csv column (e.g. "div", DivCo's
+    weighted contrastive term) at the steps every seed logged; runs as run_study names them."""
+    import csv
+
+    curves = {}
+    for name in methods:
+        per_seed = []
+        for seed in seeds:
+            log = Path(out) / f"{name.replace('++', 'pp').replace('+', '')}_seed{seed}" / "losses.csv"
+            with open(log) as f:
+                per_seed.append({int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)})
+        steps = sorted(set.intersection(*(set(d) for d in per_seed)))
+        curves[name] = []
+        for step in steps:
+            values = [d[step] for d in per_seed]
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+            curves[name].append((step, mean, sd))
+    return curves
+
+
+def plot_curves(curves, path, ylabel, title, chance=None):
+    """Mean over seeds with a band of one standard deviation, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, points in curves.items():
+        steps, mean, sd = zip(*points)
+        ax.plot(steps, mean, label=name)
+        ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.25)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label=f"chance {chance:.3f}")
+    ax.set_xlabel("iteration"), ax.set_ylabel(ylabel), ax.set_title(title)
+    ax.legend(fontsize=9), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_study(summary, path, x="coverage", y="valid", title="Toy data: realism against diversity"):
     import matplotlib
     matplotlib.use("Agg")
@@ -156,13 +200,15 @@ def main():
     p.add_argument("--setting", default="paired", choices=["paired", "unpaired"])
     p.add_argument("--methods", nargs="+", help="default: every method of the setting")
     p.add_argument("--iters", type=int, help="iterations per run at a constant learning rate (default: each "
-                   "script's toy schedule, 15 + 15 epochs = 12000 images)")
+                   "script's toy schedule: 60 + 60 epochs at batch 16 for the paired scripts, 15 + 15 at batch 1 "
+                   "for the unpaired ones)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (one CPU thread each when > 1)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-samples", type=int, default=10)
     p.add_argument("--out", default="runs/study")
     p.add_argument("--width", type=int, help="--ngf/--nef/--ndf for every script (default: the scripts' own)")
     p.add_argument("--retrain", action="store_true", help="train again even where results exist")
+    p.add_argument("--curve", help="also plot this losses.csv column over training (e.g. div for DivCo)")
     p.add_argument("extra", nargs="*", help="flags passed to every script, after --")
     args = p.parse_args()
     methods = args.methods or list(PAIRED if args.setting == "paired" else UNPAIRED)
@@ -178,6 +224,10 @@ def main():
                title=f"Toy data, {args.iters or 'default'} iterations, seeds {args.seeds}")
     print(table)
     print(f"figure: {out / 'realism_vs_diversity.png'}; {time.time() - start:.0f} s in all")
+    if args.curve:  # e.g. --curve div: DivCo's weighted contrastive term over training, mean +- sd over seeds
+        curves = loss_curves(out, methods, args.seeds, args.curve)
+        (out / f"curve_{args.curve}.json").write_text(json.dumps(curves) + "\n")
+        print(f"curve: {plot_curves(curves, out / f'curve_{args.curve}.png', args.curve, title=f'{args.curve}, seeds {args.seeds}')}")
 
 
 if __name__ == "__main__":

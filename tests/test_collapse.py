@@ -122,3 +122,26 @@ def test_toy_metrics_count_encoded_outputs_of_the_right_colour(tmp_path):
     metrics = common.write_test_results(tmp_path / "test", results, args)
     assert metrics["toy"]["encoded_colour_right"] == 0.5
     assert metrics["toy"]["mode_coverage"] == (2 / 4 + 1 / 4) / 2
+
+
+def test_batch_norm_reads_a_code_against_the_batch_layer_norm_per_image():
+    # What a normalised level makes of one image's code when the rest of its batch changes. Batch
+    # norm subtracts the batch's mean offset, so the same image with the same code comes out
+    # differently next to other codes (G reads z relative to its half-batch, and in eval mode
+    # against running averages); --norm layer normalises each image alone, over its channels and
+    # pixels, so its output does not depend on the batch, and a different code still moves it.
+    torch.manual_seed(0)
+    h = two_level_map().expand(4, -1, -1, -1)
+    z, others = torch.randn(4, 8), torch.randn(3, 8)
+    conv = torch.nn.Conv2d(16, 16, 4, 2, 1)
+    changed, moved = {}, {}
+    for kind in ("batch", "layer"):
+        norm = common.norm_layer(kind)(16).train()
+        with torch.no_grad():
+            y = norm(conv(common.tile_z(h, z)))
+            y_other_batch = norm(conv(common.tile_z(h, torch.cat([z[:1], others]))))
+        changed[kind] = float((y[0] - y_other_batch[0]).abs().mean() / y[0].abs().mean())
+        moved[kind] = float((y[0] - y[1]).abs().mean() / y[0].abs().mean())
+    assert changed["batch"] > 0.1, changed
+    assert changed["layer"] < 1e-5, changed
+    assert moved["layer"] > 0.1, moved
