@@ -21,6 +21,7 @@ Symbols (paper -> code):
     E(G(A, z))           mu_random (E's mean: the paper uses a point estimate here)
     D, D (second)        netD (cVAE branch), netD2 (cLR branch); two scales each
     lambda, lambda_latent, lambda_KL   --lambda-l1 10, --lambda-latent 0.5, --lambda-kl 0.01 (paper §4)
+    (weights of the two GAN terms)     --lambda-gan 1, --lambda-gan2 1 (Eq. (9) weighs them 1; official options)
 
 Update order, per batch (official code): the batch is split in halves, the first for the
 encoded branch and the second for the random branch; both fakes are generated from the first
@@ -80,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
     p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
     p.add_argument("--gan-mode", default="lsgan", choices=["lsgan", "vanilla"], help="paper §4: LSGAN")
+    p.add_argument("--lambda-gan", type=float, default=1.0, help="weight of L_GAN^VAE, D(G(A, E(B))) (official "
+                   "--lambda_GAN; the paper: 1)")
+    p.add_argument("--lambda-gan2", type=float, default=1.0, help="weight of L_GAN, D2(G(A, z)) (official --lambda_GAN2)")
     p.add_argument("--lambda-l1", type=float, default=10.0, help="lambda of Eq. (9), image L1")
     p.add_argument("--lambda-latent", type=float, default=0.5, help="lambda_latent of Eq. (9); 0 gives cVAE-GAN++")
     p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.01 / 8 on the toy data, "
@@ -170,9 +174,9 @@ def train_step(nets, optims, real_A, real_B, args):
     opt_E.zero_grad(set_to_none=True)
     # The paper writes Eqs. (4) and (1) with D(A, B); §4 and the official code use an unconditional D
     # Eq. (4): L_GAN^VAE = E[log D(B)] + E[log(1 - D(G(A, E(B))))]   (LSGAN form, G's side)
-    loss_G_GAN = common.gan_loss(netD(fake_B_encoded), True, args.gan_mode)
+    loss_G_GAN = args.lambda_gan * common.gan_loss(netD(fake_B_encoded), True, args.gan_mode)
     # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (second D, G's side)
-    loss_G_GAN2 = common.gan_loss(netD2(fake_B_random), True, args.gan_mode)
+    loss_G_GAN2 = args.lambda_gan2 * common.gan_loss(netD2(fake_B_random), True, args.gan_mode)
     loss_G_L1 = args.lambda_l1 * image_l1(fake_B_encoded, real_B_encoded)
     loss_kl = args.lambda_kl * kl_loss(mu, logvar)
     # Eq. (7), G only: E is frozen while it reads the random fake, so this term reaches G through

@@ -60,6 +60,24 @@ def grads_after_one_step(lambda_latent):
             all(p.requires_grad for net in nets for p in net.parameters()))
 
 
+def test_encoded_gan_weight_reaches_E_the_random_one_does_not():
+    # --lambda-gan weighs D(G(A, E(B))), whose gradient reaches E through z_encoded; --lambda-gan2
+    # weighs D2(G(A, z)) with z from the prior, which never passes through E.
+    def e_grads(flags):
+        args = bicyclegan.parse_args(["--quick", *flags])
+        torch.manual_seed(0)
+        nets = bicyclegan.build_networks(args, torch.device("cpu"))
+        optims = [common.adam(net, 0.0) for net in nets]
+        torch.manual_seed(1)
+        real_A, real_B = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+        bicyclegan.train_step(nets, optims, real_A, real_B, args)
+        return [p.grad.clone() for p in nets[1].parameters()]
+
+    base = e_grads([])
+    assert all(torch.equal(a, b) for a, b in zip(base, e_grads(["--lambda-gan2", "0"])))
+    assert any(not torch.allclose(a, b) for a, b in zip(base, e_grads(["--lambda-gan", "0"])))
+
+
 def test_latent_term_reaches_G_but_not_E():
     g0, e0, _ = grads_after_one_step(0.0)
     g1, e1, trainable = grads_after_one_step(5.0)
