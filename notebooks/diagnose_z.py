@@ -51,11 +51,11 @@ def toy_pairs(count, seed):
     return pairs
 
 
-def pulls_on_mu(netG, netE, netD, train, generator, lambda_l1, lambda_kl, gan_mode):
+def pulls_on_mu(netG, netE, netD, train, generator, args):
     """What each loss term of the encoded half asks of E's mean: the mean |d term / d mu| over
     16 training pairs (two half-batches of 8, training mode, z = mu + sigma * eps as in training),
-    for the image L1, D's GAN term and the KL, each with the run's weight (L1 a mean over the 8,
-    KL a sum, as in train_step)."""
+    for the image L1, D's GAN term and the KL, each with the run's weight (--lambda-l1, --lambda-gan,
+    --lambda-kl; L1 a mean over the 8, KL a sum, as in train_step)."""
     G, E, D = copy.deepcopy(netG).train(), copy.deepcopy(netE).train(), copy.deepcopy(netD).train()
     pulls = {"pull_l1": 0.0, "pull_gan": 0.0, "pull_kl": 0.0}
     for i in (0, 8):
@@ -66,9 +66,9 @@ def pulls_on_mu(netG, netE, netD, train, generator, lambda_l1, lambda_kl, gan_mo
             mu = mu.detach().requires_grad_()
             eps = torch.randn(mu.shape, generator=generator)
             fake = G(A, mu + eps * torch.exp(0.5 * logvar.detach()))
-            terms = {"pull_l1": lambda_l1 * bicyclegan.image_l1(fake, B),
-                     "pull_gan": common.gan_loss(D(fake), True, gan_mode),
-                     "pull_kl": lambda_kl * bicyclegan.kl_loss(mu, logvar.detach())}
+            terms = {"pull_l1": args.lambda_l1 * bicyclegan.image_l1(fake, B),
+                     "pull_gan": args.lambda_gan * common.gan_loss(D(fake), True, args.gan_mode),
+                     "pull_kl": args.lambda_kl * bicyclegan.kl_loss(mu, logvar.detach())}
             for name, term in terms.items():
                 grad, = torch.autograd.grad(term, mu, retain_graph=True)
                 pulls[name] += float(grad.abs().mean()) / 2
@@ -76,7 +76,8 @@ def pulls_on_mu(netG, netE, netD, train, generator, lambda_l1, lambda_kl, gan_mo
 
 
 @torch.no_grad()
-def probes(netG, netE, train, test, nz, generator, netD=None, args=None):
+def probes(netG, netE, netD, train, test, generator, args):
+    nz = args.nz
     netG.eval(), netE.eval()
     A = torch.stack([a for a, _, _ in train[:16]])
     z1, z2 = torch.randn(16, nz, generator=generator), torch.randn(16, nz, generator=generator)
@@ -114,9 +115,7 @@ def probes(netG, netE, train, test, nz, generator, netD=None, args=None):
         sigma.append(torch.exp(0.5 * logvar).mean())
     batch_stats |= {"enc_train_as_trained": round(right / 200, 3), "sigma": round(float(torch.stack(sigma).mean()), 3),
                     "mu_sd": round(float(mu_train.std(0).mean()), 3)}
-    if args is not None:
-        batch_stats |= pulls_on_mu(netG, netE, netD, train, generator, args.lambda_l1, args.lambda_kl,
-                                   args.gan_mode)
+    batch_stats |= pulls_on_mu(netG, netE, netD, train, generator, args)
     colours_train = torch.tensor([c for _, _, c in train[:200]])
     centroids = torch.stack([mu_train[colours_train == k].mean(0) if (colours_train == k).any()
                              else torch.full((nz,), float("inf")) for k in range(4)])
@@ -165,7 +164,7 @@ def run(variant, seed, iters, probe_every, flags, epoch_size=200):
     n_pairs = 400 if fresh else int(variant.removeprefix("fixed"))
     train = toy_pairs(n_pairs, seed)
     generator = torch.Generator().manual_seed(1234)
-    history = [dict(step=0, **probes(nets[0], nets[1], train, test, args.nz, generator, nets[2], args))]
+    history = [dict(step=0, **probes(nets[0], nets[1], nets[2], train, test, generator, args))]
     step, start = 0, time.process_time()
     stream = torch.Generator().manual_seed(seed * 100003)
     order = []
@@ -183,7 +182,7 @@ def run(variant, seed, iters, probe_every, flags, epoch_size=200):
             bicyclegan.train_step(nets, optims, A, B, args)
             step += 1
             if step % probe_every == 0:
-                history.append(dict(step=step, **probes(nets[0], nets[1], train, test, args.nz, generator, nets[2], args)))
+                history.append(dict(step=step, **probes(nets[0], nets[1], nets[2], train, test, generator, args)))
                 print(variant, " ".join(flags), seed, history[-1], f"cpu {time.process_time() - start:.0f}s",
                       flush=True)
         for s in schedulers:

@@ -60,6 +60,17 @@ def run(script, flags, log, threads=None):
 ENCODER_SCRIPTS = ("cvae_gan.py", "clr_gan.py", "bicyclegan.py", "divco.py")
 
 
+def run_folder(out, name, seed):
+    """Where run_study puts one method's run for one seed."""
+    return Path(out) / f"{name.replace('++', 'pp').replace('+', '')}_seed{seed}"
+
+
+def mean_sd(values):
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+
+
 def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), retrain=False, jobs=1):
     """Train and test each method for each seed; returns {method: [metrics per seed]}.
     iters: None trains each script on its own toy schedule (paired scripts: 60 + 60 epochs at 16
@@ -72,7 +83,7 @@ def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), re
 
     def one(name, seed):
         script, flags = table[name]
-        run_dir = out / f"{name.replace('++', 'pp').replace('+', '')}_seed{seed}"
+        run_dir = run_folder(out, name, seed)
         metrics_file = run_dir / "test" / ("AtoB" if script == "cyclegan.py" else "") / "metrics.json"
         if retrain or not metrics_file.exists():
             start = time.time()
@@ -108,8 +119,7 @@ def summarise(results):
         for key, (group, field) in keys.items():
             values = [(r[group] if group else r)[field] for r in runs if (group is None or group in r)]
             if values:
-                mean = sum(values) / len(values)
-                std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+                mean, std = mean_sd(values)
                 summary[name][key] = (mean, std if len(values) > 1 else None)  # no spread from one seed
     return summary
 
@@ -126,23 +136,16 @@ def markdown_table(summary):
 
 def loss_curves(out, methods, seeds, column):
     """{method: [(step, mean, sd over seeds), ...]} of one losses.csv column (e.g. "div", DivCo's
-    weighted contrastive term) at the steps every seed logged; runs as run_study names them."""
-    import csv
+    weighted contrastive term) at the steps every seed logged."""
+    sys.path.insert(0, str(ROOT))
+    import common
 
     curves = {}
     for name in methods:
-        per_seed = []
-        for seed in seeds:
-            log = Path(out) / f"{name.replace('++', 'pp').replace('+', '')}_seed{seed}" / "losses.csv"
-            with open(log) as f:
-                per_seed.append({int(r["step"]): float(r[column]) for r in csv.DictReader(f) if r.get(column)})
+        per_seed = [{int(r["step"]): r[column] for r in common.read_losses(run_folder(out, name, seed) / "losses.csv")
+                     if column in r} for seed in seeds]
         steps = sorted(set.intersection(*(set(d) for d in per_seed)))
-        curves[name] = []
-        for step in steps:
-            values = [d[step] for d in per_seed]
-            mean = sum(values) / len(values)
-            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-            curves[name].append((step, mean, sd))
+        curves[name] = [(step, *mean_sd([d[step] for d in per_seed])) for step in steps]
     return curves
 
 
