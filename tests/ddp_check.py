@@ -21,7 +21,7 @@ STEPS = 3
 # random draws: no z, no dropout, no image pool) are also compared with one process in the test,
 # in float64: at the --quick sizes CycleGAN's float32 gradients differ from float64 ones by ~2e-3
 # (relative), so float32 runs of the same sum in two orders differ as much and prove nothing.
-DOUBLE = {"cyclegan_no_pool", "cvae_gan_deterministic"}
+COMPARED = {"cyclegan_no_pool", "cvae_gan_deterministic"}
 CONFIGS = {
     "pix2pix_noise": ("pix2pix_noise", [], {}),
     "cvae_gan": ("cvae_gan", [], {}),
@@ -81,7 +81,7 @@ def main(out):
     rank, world = common.rank(), common.world_size()
     results = {}
     for name, (script, flags, kwargs) in CONFIGS.items():
-        dtype = torch.float64 if name in DOUBLE else torch.float32
+        dtype = torch.float64 if name in COMPARED else torch.float32
         args, nets, optims, extra, train_step = setup(script, flags, dtype=dtype)
         kwargs = dict(kwargs, find_unused=[nets[i] for i in kwargs.get("find_unused", [])])
         train_nets = common.distribute(nets, torch.device("cpu"), **kwargs)

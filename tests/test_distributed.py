@@ -72,7 +72,7 @@ def test_weights_stay_equal_on_every_rank(two_ranks, name):
     assert [s["equal"] for s in two_ranks[name]] == [True] * ddp_check.STEPS
 
 
-@pytest.mark.parametrize("name", ["cyclegan_no_pool", "cvae_gan_deterministic"])
+@pytest.mark.parametrize("name", sorted(ddp_check.COMPARED))
 def test_two_ranks_match_one_process_with_the_global_batch(two_ranks, name):
     """Without random draws, 2 ranks x --batch-size b are one process with 2b. From the same
     weights the first step's losses and gradients agree up to the order of float64 sums; after it,
