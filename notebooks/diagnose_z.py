@@ -21,7 +21,9 @@ The networks and losses take bicyclegan.py's toy defaults (16-channel nets, batc
 a step, lambda_KL 0.01 / 8; common.TOY_PAIRED_TRAINING) unless --flags changes them; the old toy
 run is --flags --norm instance --batch-size 2 --lambda-kl 0.01. The schedule is the script's own:
 --iters iterations, linear decay over the second half. Variants change the data: fixed<N> (N
-fixed training pairs, default 400) or fresh (new pairs every epoch).
+fixed training pairs, default 400) or fresh (new pairs every epoch). --gan-after N turns G's two
+GAN terms off until iteration N, --gan-ramp N ramps them in linearly over N iterations (the
+discriminators train throughout); both are probes of the training order, not options of the script.
 """
 import argparse
 import copy
@@ -152,8 +154,9 @@ def pathways(size=64, ngf=16, norm="instance", seed=0):
     return result
 
 
-def run(variant, seed, iters, probe_every, flags, epoch_size=200):
+def run(variant, seed, iters, probe_every, flags, epoch_size=200, gan_after=0, gan_ramp=0):
     args = bicyclegan.parse_args(["--seed", str(seed)] + flags)
+    lambda_gans = args.lambda_gan, args.lambda_gan2
     common.seed_everything(seed)
     nets = bicyclegan.build_networks(args, torch.device("cpu"))
     optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
@@ -179,6 +182,9 @@ def run(variant, seed, iters, probe_every, flags, epoch_size=200):
             B = torch.stack([train[j][1] for j in idx])
             if torch.rand((), generator=stream) < 0.5:  # the toy's horizontal flip
                 A, B = A.flip(-1), B.flip(-1)
+            if gan_after or gan_ramp:  # G's two GAN terms off until gan_after, or ramped in over gan_ramp
+                weight = float(step >= gan_after) if gan_after else min(1.0, step / gan_ramp)
+                args.lambda_gan, args.lambda_gan2 = weight * lambda_gans[0], weight * lambda_gans[1]
             bicyclegan.train_step(nets, optims, A, B, args)
             step += 1
             if step % probe_every == 0:
@@ -197,6 +203,8 @@ def main():
     p.add_argument("--iters", type=int, default=6000)
     p.add_argument("--probe-every", type=int, default=1000)
     p.add_argument("--out", default="runs/diagnose_z")
+    p.add_argument("--gan-after", type=int, default=0, help="G's two GAN terms off until this iteration, then on")
+    p.add_argument("--gan-ramp", type=int, default=0, help="G's two GAN terms ramped in linearly over these iterations")
     p.add_argument("--pathways", action="store_true", help="only the per-level z pathways at initialisation")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="bicyclegan.py flags for every run")
     a = p.parse_args()
@@ -211,7 +219,7 @@ def main():
     for variant in a.variant or ["fixed400"]:
         for seed in a.seeds:
             name = f"{variant}{'_'.join(a.flags).replace('--', '_')}_seed{seed}"
-            history = run(variant, seed, a.iters, a.probe_every, a.flags)
+            history = run(variant, seed, a.iters, a.probe_every, a.flags, gan_after=a.gan_after, gan_ramp=a.gan_ramp)
             (out / f"{name}.json").write_text(json.dumps({"variant": variant, "flags": a.flags, "seed": seed,
                                                           "history": history}, indent=1) + "\n")
 
