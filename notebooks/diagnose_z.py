@@ -186,6 +186,7 @@ def run(variant, seed, iters, probe_every, flags, epoch_size=200, gan_after=0, g
                 weight = float(step >= gan_after) if gan_after else min(1.0, step / gan_ramp)
                 args.lambda_gan, args.lambda_gan2 = weight * lambda_gans[0], weight * lambda_gans[1]
             bicyclegan.train_step(nets, optims, A, B, args)
+            args.lambda_gan, args.lambda_gan2 = lambda_gans  # the probes (pull_gan) use the full weights
             step += 1
             if step % probe_every == 0:
                 history.append(dict(step=step, **probes(nets[0], nets[1], nets[2], train, test, generator, args)))
