@@ -24,6 +24,7 @@ run is --flags --norm instance --batch-size 2 --lambda-kl 0.01. The schedule is 
 fixed training pairs, default 400) or fresh (new pairs every epoch). --gan-after N turns G's two
 GAN terms off until iteration N, --gan-ramp N ramps them in linearly over N iterations (the
 discriminators train throughout); both are probes of the training order, not options of the script.
+--norm-d builds the two Ds with another norm than G and E.
 """
 import argparse
 import copy
@@ -154,11 +155,15 @@ def pathways(size=64, ngf=16, norm="instance", seed=0):
     return result
 
 
-def run(variant, seed, iters, probe_every, flags, epoch_size=200, gan_after=0, gan_ramp=0):
+def run(variant, seed, iters, probe_every, flags, epoch_size=200, gan_after=0, gan_ramp=0, norm_d=None):
     args = bicyclegan.parse_args(["--seed", str(seed)] + flags)
     lambda_gans = args.lambda_gan, args.lambda_gan2
     common.seed_everything(seed)
     nets = bicyclegan.build_networks(args, torch.device("cpu"))
+    if norm_d:  # the two Ds with another norm than G and E (README, What the batch-norm D does)
+        norm, args.norm = args.norm, norm_d
+        nets[2:] = bicyclegan.build_networks(args, torch.device("cpu"))[2:]
+        args.norm = norm
     optims = [common.adam(net, args.lr, (args.beta1, 0.999)) for net in nets]
     epochs = iters // epoch_size
     schedulers = [common.linear_decay(opt, epochs // 2, epochs - epochs // 2) for opt in optims]
@@ -206,6 +211,7 @@ def main():
     p.add_argument("--out", default="runs/diagnose_z")
     p.add_argument("--gan-after", type=int, default=0, help="G's two GAN terms off until this iteration, then on")
     p.add_argument("--gan-ramp", type=int, default=0, help="G's two GAN terms ramped in linearly over these iterations")
+    p.add_argument("--norm-d", choices=["instance", "batch", "layer", "none"], help="the Ds' norm (default: --norm's)")
     p.add_argument("--pathways", action="store_true", help="only the per-level z pathways at initialisation")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="bicyclegan.py flags for every run")
     a = p.parse_args()
@@ -220,7 +226,8 @@ def main():
     for variant in a.variant or ["fixed400"]:
         for seed in a.seeds:
             name = f"{variant}{'_'.join(a.flags).replace('--', '_')}_seed{seed}"
-            history = run(variant, seed, a.iters, a.probe_every, a.flags, gan_after=a.gan_after, gan_ramp=a.gan_ramp)
+            history = run(variant, seed, a.iters, a.probe_every, a.flags, gan_after=a.gan_after, gan_ramp=a.gan_ramp,
+                          norm_d=a.norm_d)
             (out / f"{name}.json").write_text(json.dumps({"variant": variant, "flags": a.flags, "seed": seed,
                                                           "history": history}, indent=1) + "\n")
 
