@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "notebooks"))
 import common  # noqa: E402
 import pix2pix_noise  # noqa: E402
-from diagnose_z import toy_pairs  # noqa: E402
+from diagnose_z import next_batch, toy_pairs  # noqa: E402
 
 
 @torch.no_grad()
@@ -55,13 +55,7 @@ def run(seed, norm_g, norm_d, iters, probe_every, flags, epoch_size=200):
     history, order, step, start = [], [], 0, time.process_time()
     for epoch in range(epochs):
         for _ in range(epoch_size):
-            if len(order) < args.batch_size:
-                order = torch.randperm(len(train), generator=stream).tolist()
-            idx, order = order[:args.batch_size], order[args.batch_size:]
-            A = torch.stack([train[j][0] for j in idx])
-            B = torch.stack([train[j][1] for j in idx])
-            if torch.rand((), generator=stream) < 0.5:  # the toy's horizontal flip
-                A, B = A.flip(-1), B.flip(-1)
+            A, B, order = next_batch(train, order, args.batch_size, stream)
             pix2pix_noise.train_step(nets, optims, A, B, args)
             step += 1
             if step % probe_every == 0:

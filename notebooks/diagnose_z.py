@@ -54,6 +54,18 @@ def toy_pairs(count, seed):
     return pairs
 
 
+def next_batch(train, order, batch_size, stream):
+    """The next batch_size training pairs (A, B) of the shuffled order (a new pass when it runs out),
+    flipped together half of the time as the toy data's loader does; returns A, B and what is left."""
+    if len(order) < batch_size:
+        order = torch.randperm(len(train), generator=stream).tolist()
+    idx, order = order[:batch_size], order[batch_size:]
+    A, B = torch.stack([train[j][0] for j in idx]), torch.stack([train[j][1] for j in idx])
+    if torch.rand((), generator=stream) < 0.5:  # the toy's horizontal flip
+        A, B = A.flip(-1), B.flip(-1)
+    return A, B, order
+
+
 def pulls_on_mu(netG, netE, netD, train, generator, args):
     """What each loss term of the encoded half asks of E's mean: the mean |d term / d mu| over
     16 training pairs (two half-batches of 8, training mode, z = mu + sigma * eps as in training),
@@ -180,13 +192,7 @@ def run(variant, seed, iters, probe_every, flags, epoch_size=200, gan_after=0, g
         if fresh and epoch > 0:
             train, order = toy_pairs(n_pairs, seed * 1000 + epoch), []
         for _ in range(epoch_size):
-            if len(order) < args.batch_size:  # a new pass over the training pairs
-                order = torch.randperm(len(train), generator=stream).tolist()
-            idx, order = order[:args.batch_size], order[args.batch_size:]
-            A = torch.stack([train[j][0] for j in idx])
-            B = torch.stack([train[j][1] for j in idx])
-            if torch.rand((), generator=stream) < 0.5:  # the toy's horizontal flip
-                A, B = A.flip(-1), B.flip(-1)
+            A, B, order = next_batch(train, order, args.batch_size, stream)
             if gan_after or gan_ramp:  # G's two GAN terms off until gan_after, or ramped in over gan_ramp
                 weight = float(step >= gan_after) if gan_after else min(1.0, step / gan_ramp)
                 args.lambda_gan, args.lambda_gan2 = weight * lambda_gans[0], weight * lambda_gans[1]
