@@ -35,6 +35,9 @@ Deviations:
 - KL reduction: per image (summed over z's dimensions, averaged over the batch). The official
   code sums it over the encoded half-batch, one image at its batch 2; here the whole batch is
   encoded, so a sum would double lambda_KL against it (and against bicyclegan.py) at batch 2.
+- On the toy data only (--no-gan-trains-e, its default): D's term of the encoded output trains G
+  but not E, as the latent term does in the paper; D's pull on E's code merged the toy's colours
+  (README, When G ignores z). Real data sets keep Eq. (6) as written (--gan-trains-e).
 - Test samples draw z from the prior, as the paper does for every method (for cAE-GAN, too,
   though its E(B) need not look like N(0, I)); encoded.png uses z = mu of E(B).
 
@@ -79,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
     p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
     p.add_argument("--gan-mode", default="lsgan", choices=["lsgan", "vanilla"], help="paper §4: LSGAN")
+    p.add_argument("--gan-trains-e", action=argparse.BooleanOptionalAction, default=True,
+                   help="D's term of the encoded output trains E as well as G (Eq. (6), official); "
+                   "--no-gan-trains-e: G only (the toy default; README, When G ignores z)")
     p.add_argument("--lambda-l1", type=float, default=10.0, help="lambda of Eq. (6), image L1")
     p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (6) (unused with --deterministic)")
     p.add_argument("--deterministic", action="store_true", help="cAE-GAN: z = E(B), no sampling, no KL")
@@ -97,7 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same z for every test input")
     common.add_inference_flags(p, style=True)  # --input --half --resize --style --interpolate
-    args = common.parse_with_quick(p, argv, toy=common.TOY_PAIRED_TRAINING, ngf=16, nef=16, ndf=16, num_workers=0)
+    toy = dict(common.TOY_PAIRED_TRAINING, gan_trains_e=False)  # the toy demo's choices (common.py; README,
+    # When G ignores z: D's pull on E merges the toy's colours)
+    args = common.parse_with_quick(p, argv, toy=toy, ngf=16, nef=16, ndf=16, num_workers=0)
     common.resolve_options(args)
     common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
     return args
@@ -152,6 +160,9 @@ def train_step(nets, optims, real_A, real_B, args):
     # cVAE-GAN cycle, B -> z -> B (the whole batch)
     z_encoded, mu, logvar = encode(netE, real_B, args.deterministic)
     fake_B_encoded = netG(real_A, z_encoded)
+    # --no-gan-trains-e (the toy default): D judges a second pass of G with E's code detached, so
+    # that D's term trains G only (README, When G ignores z)
+    judged_B_encoded = fake_B_encoded if args.gan_trains_e else netG(real_A, z_encoded.detach())
 
     # G and E update. D is frozen so that G's GAN term does not fill its gradients.
     common.set_requires_grad(netD, False)
@@ -159,7 +170,7 @@ def train_step(nets, optims, real_A, real_B, args):
     opt_E.zero_grad(set_to_none=True)
     # The paper writes Eq. (4) with D(A, B); §4 and the official code use an unconditional D:
     # Eq. (4): L_GAN^VAE = E[log D(B)] + E[log(1 - D(G(A, E(B))))]   (LSGAN form, G's side)
-    loss_G_GAN = common.gan_loss(netD(fake_B_encoded), True, args.gan_mode)
+    loss_G_GAN = common.gan_loss(netD(judged_B_encoded), True, args.gan_mode)
     loss_G_L1 = args.lambda_l1 * image_l1(fake_B_encoded, real_B)
     # cAE-GAN (--deterministic) drops the KL term (§3.2): nothing shapes the distribution of E(B)
     loss_kl = torch.zeros((), device=mu.device) if args.deterministic else args.lambda_kl * kl_loss(mu, logvar)
@@ -172,7 +183,7 @@ def train_step(nets, optims, real_A, real_B, args):
     common.set_requires_grad(netD, True)
     opt_D.zero_grad(set_to_none=True)
     loss_D = (common.gan_loss(netD(real_B), True, args.gan_mode)
-              + common.gan_loss(netD(fake_B_encoded.detach()), False, args.gan_mode))
+              + common.gan_loss(netD(judged_B_encoded.detach()), False, args.gan_mode))
     loss_D.backward()
     opt_D.step()
     return {"G_GAN": loss_G_GAN, "G_L1": loss_G_L1, "kl": loss_kl, "D": loss_D}

@@ -52,6 +52,9 @@ Deviations:
   since there are no pairs; one D on B; F is trained only by the cycle term (no D on A, no B->A->B
   cycle); E is trained as a latent regressor, |E(G(A, z)) - z| on detached fakes, so that its
   features react to z, while the contrastive term stays G-only.
+- On the toy data only (--no-gan-trains-e, its default): D's term of the encoded output trains G
+  but not E, as the latent term does in the paper; D's pull on E's code merged the toy's colours
+  (README, When G ignores z). Real data sets keep the objective as written (--gan-trains-e).
 - As bicyclegan.py: batch 2 split in halves (paired), adaptive pool in E, test size and --input.
 
 Usage:
@@ -98,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
     p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
     p.add_argument("--gan-mode", default="lsgan", choices=["lsgan", "vanilla"], help="paper §4: LSGAN")
+    p.add_argument("--gan-trains-e", action=argparse.BooleanOptionalAction, default=True,
+                   help="D's term of the encoded output trains E as well as G (Eq. (9), official); "
+                   "--no-gan-trains-e: G only (the toy default; README, When G ignores z)")
     p.add_argument("--lambda-l1", type=float, default=10.0, help="lambda_opt: image L1 (paired), cycle L1 (unpaired)")
     p.add_argument("--lambda-latent", type=float, default=0.0, help="lambda_latent of Eq. (9) (DivCo paired: 0)")
     p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.01 / 8 on the toy data, "
@@ -124,7 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--num-test", type=int, default=100, help="test inputs to use (paper: 100)")
     p.add_argument("--sync", action="store_true", help="use the same z for every test input")
     common.add_inference_flags(p, style=True)  # --input --half --resize --style --interpolate
-    toy = dict(common.TOY_PAIRED_TRAINING, lambda_kl=common.TOY_SUMMED_KL)  # the toy demo's choices (common.py)
+    toy = dict(common.TOY_PAIRED_TRAINING, lambda_kl=common.TOY_SUMMED_KL,  # the toy demo's choices (common.py)
+               gan_trains_e=False)  # README, When G ignores z: D's pull on E merges the toy's colours
     args = common.parse_with_quick(p, argv, toy=toy, ngf=16, nef=16, ndf=16, num_workers=0)
     common.resolve_options(args, args.setting)
     common.check_options(args, __file__)  # counts, rates, --device, --out: one sentence for a bad value
@@ -249,6 +256,9 @@ def train_step(nets, optims, real_A, real_B, args):
     mu, logvar = netE(real_B_encoded)
     z_encoded = reparameterize(mu, logvar)
     fake_B_encoded = netG(real_A_encoded, z_encoded)
+    # --no-gan-trains-e (the toy default): D judges a second pass of G with E's code detached, so
+    # that D's term trains G only (README, When G ignores z)
+    judged_B_encoded = fake_B_encoded if args.gan_trains_e else netG(real_A_encoded, z_encoded.detach())
     # cLR-GAN cycle, z -> B -> z (official code: the random fake also uses the first half's A)
     z_random = torch.randn(half, args.nz, device=real_A.device)
     fake_B_random = netG(real_A_encoded, z_random)
@@ -263,7 +273,7 @@ def train_step(nets, optims, real_A, real_B, args):
     fakes_random = [fake_B_random] + extra_fakes
     # The paper writes Eqs. (4) and (1) with D(A, B); §4 and the official code use an unconditional D
     # Eq. (4): L_GAN^VAE = E[log D(B)] + E[log(1 - D(G(A, E(B))))]   (LSGAN form, G's side)
-    loss_G_GAN = common.gan_loss(netD(fake_B_encoded), True, args.gan_mode)
+    loss_G_GAN = common.gan_loss(netD(judged_B_encoded), True, args.gan_mode)
     # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (second D, G's side)
     loss_G_GAN2 = sum(common.gan_loss(netD2(fake), True, args.gan_mode) for fake in fakes_random)
     loss_G_L1 = args.lambda_l1 * image_l1(fake_B_encoded, real_B_encoded)
@@ -282,7 +292,7 @@ def train_step(nets, optims, real_A, real_B, args):
     common.set_requires_grad([netD, netD2], True)
     opt_D.zero_grad(set_to_none=True)
     loss_D = (common.gan_loss(netD(real_B_encoded), True, args.gan_mode)
-              + common.gan_loss(netD(fake_B_encoded.detach()), False, args.gan_mode))
+              + common.gan_loss(netD(judged_B_encoded.detach()), False, args.gan_mode))
     loss_D.backward()
     opt_D.step()
     opt_D2.zero_grad(set_to_none=True)

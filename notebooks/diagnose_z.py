@@ -103,9 +103,14 @@ def probes(netG, netE, netD, train, test, generator, args):
         B = torch.stack([b for _, b, _ in pairs])
         mu, _ = E(B)
         out = G(A, mu)
-        return sum(common.toy_mode(o) == c for o, (_, _, c) in zip(out, pairs)) / len(pairs), mu
+        right = [common.toy_mode(o) == c for o, (_, _, c) in zip(out, pairs)]
+        per_colour.append([round(sum(r for r, (_, _, c) in zip(right, pairs) if c == k)
+                                 / max(1, sum(c == k for _, _, c in pairs)), 2) for k in range(4)])
+        return sum(right) / len(pairs), mu
 
+    per_colour = []  # encoded right per target colour (red, green, blue, yellow), first call: train pairs
     enc_train, mu_train = encoded_accuracy(train[:200])
+    enc_per_colour = per_colour[0]
     enc_test, mu_test = encoded_accuracy(test)
     batch_stats = {}
     if any(isinstance(m, torch.nn.BatchNorm2d) for m in netG.modules()):
@@ -134,6 +139,10 @@ def probes(netG, netE, netD, train, test, generator, args):
     colours_train = torch.tensor([c for _, _, c in train[:200]])
     centroids = torch.stack([mu_train[colours_train == k].mean(0) if (colours_train == k).any()
                              else torch.full((nz,), float("inf")) for k in range(4)])
+    # are E's codes for the four colours apart? (the smallest distance between two colours' centroids)
+    gaps = torch.cdist(centroids, centroids) + torch.diag(torch.full((4,), float("inf")))
+    batch_stats["mu_min_gap"] = round(float(gaps.min()), 3)
+    batch_stats["enc_train_per_colour"] = enc_per_colour
     guess = torch.cdist(mu_test, centroids).argmin(1)
     probe = float((guess == torch.tensor([c for _, _, c in test])).float().mean())
     cover, valid = [], []
@@ -218,9 +227,12 @@ def main():
     p.add_argument("--gan-after", type=int, default=0, help="G's two GAN terms off until this iteration, then on")
     p.add_argument("--gan-ramp", type=int, default=0, help="G's two GAN terms ramped in linearly over these iterations")
     p.add_argument("--norm-d", choices=["instance", "batch", "layer", "none"], help="the Ds' norm (default: --norm's)")
+    p.add_argument("--palette", type=int, nargs=12, help="trial: the toy's four colours (12 RGB values)")
     p.add_argument("--pathways", action="store_true", help="only the per-level z pathways at initialisation")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="bicyclegan.py flags for every run")
     a = p.parse_args()
+    if a.palette:
+        common.TOY_PALETTE = tuple(tuple(a.palette[i:i + 3]) for i in (0, 3, 6, 9))
     torch.set_num_threads(1)
     if a.pathways:
         for size, ngf in ((64, 16), (256, 64)):

@@ -78,6 +78,30 @@ def test_encoded_gan_weight_reaches_E_the_random_one_does_not():
     assert any(not torch.allclose(a, b) for a, b in zip(base, e_grads(["--lambda-gan", "0"])))
 
 
+def test_no_gan_trains_e_keeps_D_term_out_of_E_but_in_G():
+    # The toy demo's cure (README, When G ignores z): D's pull on E's code merged the toy's colours.
+    # With --no-gan-trains-e and only D's term of the encoded half on, E gets no gradient at all,
+    # while G still does; with the official setting E gets one.
+    def grads(flags):
+        args = bicyclegan.parse_args(["--quick", "--lambda-gan2", "0", "--lambda-l1", "0", "--lambda-kl", "0",
+                                      "--lambda-latent", "0", *flags])
+        torch.manual_seed(0)
+        nets = bicyclegan.build_networks(args, torch.device("cpu"))
+        optims = [common.adam(net, 0.0) for net in nets]
+        torch.manual_seed(1)
+        real_A, real_B = torch.rand(4, 3, 64, 64) * 2 - 1, torch.rand(4, 3, 64, 64) * 2 - 1
+        bicyclegan.train_step(nets, optims, real_A, real_B, args)
+        size = lambda net: sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None)
+        return size(nets[0]), size(nets[1])
+
+    g_official, e_official = grads([])
+    g_spared, e_spared = grads(["--no-gan-trains-e"])
+    assert e_official > 0 and e_spared == 0
+    assert g_spared > 0 and g_official > 0
+    assert bicyclegan.parse_args([]).gan_trains_e is False  # the toy default
+    assert bicyclegan.parse_args(["--dataset", "maps"]).gan_trains_e is True  # real data: Eq. (9) as written
+
+
 def test_latent_term_reaches_G_but_not_E():
     g0, e0, _ = grads_after_one_step(0.0)
     g1, e1, trainable = grads_after_one_step(5.0)
