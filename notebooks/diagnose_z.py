@@ -16,6 +16,7 @@ iterations, measures:
 
     python notebooks/diagnose_z.py --seeds 0 1 --iters 2000 --probe-every 500 --flags --norm instance
     python notebooks/diagnose_z.py --seeds 0 1 --iters 2000 --probe-every 500 --flags --norm batch
+    python notebooks/diagnose_z.py --encoded-confusion runs/bicyclegan_toy   # a trained run's encoded colours
 
 The networks and losses take bicyclegan.py's toy defaults (16-channel nets, batch norm, 16 pairs
 a step, lambda_KL 0.01 / 8; common.TOY_PAIRED_TRAINING) unless --flags changes them; the old toy
@@ -176,6 +177,29 @@ def pathways(size=64, ngf=16, norm="instance", seed=0):
     return result
 
 
+@torch.no_grad()
+def encoded_confusion(out, flags):
+    """For a trained toy run folder: per target colour, which colour the encoded output G(A, mu(E(B)))
+    shows on the 400 training pairs, and how far apart E's mean codes of the four colours are."""
+    args = bicyclegan.parse_args(["--out", str(out)] + flags)
+    ckpt = common.load_checkpoint(Path(out) / "latest.pt", "cpu", args)
+    netG, netE, _, _ = bicyclegan.build_networks(args, torch.device("cpu"))
+    netG.load_state_dict(ckpt["netG"]), netE.load_state_dict(ckpt["netE"])
+    netG.eval(), netE.eval()
+    dataset = common.paired_dataset(args, train=True)
+    confusion = [[0] * 5 for _ in range(4)]  # rows: target colour; columns: output colour, last: no clean colour
+    codes = [[] for _ in range(4)]
+    for i in range(0, len(dataset), 20):
+        items = [dataset[j] for j in range(i, min(i + 20, len(dataset)))]
+        mu, _ = netE(torch.stack([it["B"] for it in items]))
+        for item, m, output in zip(items, mu, netG(torch.stack([it["A"] for it in items]), mu)):
+            target = common.toy_mode(item["B"])
+            confusion[target][common.toy_mode(output)] += 1
+            codes[target].append(m)
+    centroids = torch.stack([torch.stack(c).mean(0) for c in codes])
+    return {"confusion": confusion, "centroid_distances": [[round(float(d), 2) for d in row] for row in torch.cdist(centroids, centroids)]}
+
+
 def run(variant, seed, iters, probe_every, flags, epoch_size=200, gan_after=0, gan_ramp=0, norm_d=None):
     args = bicyclegan.parse_args(["--seed", str(seed)] + flags)
     lambda_gans = args.lambda_gan, args.lambda_gan2
@@ -228,12 +252,17 @@ def main():
     p.add_argument("--gan-ramp", type=int, default=0, help="G's two GAN terms ramped in linearly over these iterations")
     p.add_argument("--norm-d", choices=["instance", "batch", "layer", "none"], help="the Ds' norm (default: --norm's)")
     p.add_argument("--palette", type=int, nargs=12, help="trial: the toy's four colours (12 RGB values)")
+    p.add_argument("--encoded-confusion", metavar="RUN", help="only the encoded output's colours of a trained "
+                   "bicyclegan.py toy run folder (its flags after --flags)")
     p.add_argument("--pathways", action="store_true", help="only the per-level z pathways at initialisation")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="bicyclegan.py flags for every run")
     a = p.parse_args()
     if a.palette:
         common.TOY_PALETTE = tuple(tuple(a.palette[i:i + 3]) for i in (0, 3, 6, 9))
     torch.set_num_threads(1)
+    if a.encoded_confusion:
+        print(json.dumps(encoded_confusion(a.encoded_confusion, a.flags)))
+        return
     if a.pathways:
         for size, ngf in ((64, 16), (256, 64)):
             for norm in ("instance", "batch", "none"):
