@@ -330,7 +330,10 @@ def _download(url, part, chunk):
 TOY_SIZE = 64
 TOY_BACKGROUND = (235, 235, 235)
 TOY_OUTLINE = (20, 20, 20)
-TOY_PALETTE = ((220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 190, 30))  # red green blue yellow
+# The four colours are equally far apart (200 in RGB: a regular tetrahedron around mid-grey, 150
+# from the background and the outline), so that no pair is easier for E to merge than another
+# (README, The cause; the earlier palette had pairs 151 and 290 apart).
+TOY_PALETTE = ((158, 16, 87), (16, 158, 87), (128, 128, 250), (210, 210, 87))  # red green blue yellow
 TOY_SPLITS = {"train": 400, "test": 20}
 
 
@@ -363,7 +366,7 @@ def make_toy_dataset(folder, layout="paired", seed=0):
     """Write the toy data once (deterministic for a seed): paired A|B files in train/ and test/,
     or unpaired outlines and filled shapes in trainA/ trainB/ testA/ testB/."""
     folder = Path(folder)
-    stamp = f"toy v1 {layout} seed {seed}\n"
+    stamp = f"toy v2 {layout} seed {seed}\n"  # v2: the equidistant palette
     if (folder / ".complete").exists() and (folder / ".complete").read_text() == stamp:
         return folder
     rng = random.Random(seed)

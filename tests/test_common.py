@@ -308,3 +308,16 @@ def test_lpips_without_weights_reports_no_number(monkeypatch):
     monkeypatch.setattr(lpips, "LPIPS", offline)
     model, why_not = common.load_lpips("0.1")
     assert model is None and "no LPIPS number" in why_not
+
+
+def test_toy_colours_are_equally_far_apart():
+    # README, The cause: with unequal distances E learnt the main colour axis first and merged the
+    # closest pairs; the toy's four colours are a regular tetrahedron in RGB, clear of background and outline.
+    palette = torch.tensor(common.TOY_PALETTE, dtype=torch.float)
+    apart = torch.pdist(palette)
+    assert apart.min() > 195 and apart.max() - apart.min() < 5, apart
+    centred = palette - palette.mean(0)
+    spread = torch.linalg.eigvalsh(centred.T @ centred / 4)
+    assert spread.max() / spread.min() < 1.05, spread  # no colour axis stands out
+    for other in (common.TOY_BACKGROUND, common.TOY_OUTLINE):
+        assert (palette - torch.tensor(other, dtype=torch.float)).norm(dim=1).min() > 140

@@ -52,7 +52,7 @@ def pictures(tmp_path_factory):
     ramp = (np.arange(80)[None, :].repeat(60, 0) * 800).astype(np.uint16)  # 0 .. 63200 of 65535
     Image.fromarray(ramp).save(folder / "deep.tif")
     (folder / "notes.txt").write_text("not an image")
-    for name, colour in (("red", (220, 40, 40)), ("blue", (40, 80, 220))):  # guides: filled shapes
+    for name, colour in (("red", common.TOY_PALETTE[0]), ("blue", common.TOY_PALETTE[2])):  # guides: filled shapes
         img = Image.new("RGB", (64, 64), common.TOY_BACKGROUND)
         ImageDraw.Draw(img).rectangle((12, 12, 52, 52), fill=colour, outline=common.TOY_OUTLINE, width=2)
         img.save(folder.parent / f"{name}.png")
