@@ -47,14 +47,20 @@ def test_reparameterize_uses_sigma():
 
 
 # --- gradient routing -------------------------------------------------------------------------
-def grads_after_one_step(lambda_latent):
-    args = bicyclegan.parse_args(["--quick", "--lambda-latent", str(lambda_latent)])
+def nets_after_one_step(flags, batch=2):
+    """The four networks after one train_step at learning rate 0 (gradients kept), --quick plus flags."""
+    args = bicyclegan.parse_args(["--quick", *flags])
     torch.manual_seed(0)
     nets = bicyclegan.build_networks(args, torch.device("cpu"))
     optims = [common.adam(net, 0.0) for net in nets]
-    real_A, real_B = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     torch.manual_seed(1)
+    real_A, real_B = torch.rand(batch, 3, 64, 64) * 2 - 1, torch.rand(batch, 3, 64, 64) * 2 - 1
     bicyclegan.train_step(nets, optims, real_A, real_B, args)
+    return nets
+
+
+def grads_after_one_step(lambda_latent):
+    nets = nets_after_one_step(["--lambda-latent", str(lambda_latent)])
     netG, netE = nets[0], nets[1]
     return ([p.grad.clone() for p in netG.parameters()], [p.grad.clone() for p in netE.parameters()],
             all(p.requires_grad for net in nets for p in net.parameters()))
@@ -64,14 +70,7 @@ def test_encoded_gan_weight_reaches_E_the_random_one_does_not():
     # --lambda-gan weighs D(G(A, E(B))), whose gradient reaches E through z_encoded; --lambda-gan2
     # weighs D2(G(A, z)) with z from the prior, which never passes through E.
     def e_grads(flags):
-        args = bicyclegan.parse_args(["--quick", *flags])
-        torch.manual_seed(0)
-        nets = bicyclegan.build_networks(args, torch.device("cpu"))
-        optims = [common.adam(net, 0.0) for net in nets]
-        torch.manual_seed(1)
-        real_A, real_B = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
-        bicyclegan.train_step(nets, optims, real_A, real_B, args)
-        return [p.grad.clone() for p in nets[1].parameters()]
+        return [p.grad.clone() for p in nets_after_one_step(flags)[1].parameters()]
 
     base = e_grads([])
     assert all(torch.equal(a, b) for a, b in zip(base, e_grads(["--lambda-gan2", "0"])))
@@ -83,14 +82,8 @@ def test_no_gan_trains_e_keeps_D_term_out_of_E_but_in_G():
     # With --no-gan-trains-e and only D's term of the encoded half on, E gets no gradient at all,
     # while G still does; with the official setting E gets one.
     def grads(flags):
-        args = bicyclegan.parse_args(["--quick", "--lambda-gan2", "0", "--lambda-l1", "0", "--lambda-kl", "0",
-                                      "--lambda-latent", "0", *flags])
-        torch.manual_seed(0)
-        nets = bicyclegan.build_networks(args, torch.device("cpu"))
-        optims = [common.adam(net, 0.0) for net in nets]
-        torch.manual_seed(1)
-        real_A, real_B = torch.rand(4, 3, 64, 64) * 2 - 1, torch.rand(4, 3, 64, 64) * 2 - 1
-        bicyclegan.train_step(nets, optims, real_A, real_B, args)
+        only_d = ["--lambda-gan2", "0", "--lambda-l1", "0", "--lambda-kl", "0", "--lambda-latent", "0"]
+        nets = nets_after_one_step(only_d + flags, batch=4)
         size = lambda net: sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None)
         return size(nets[0]), size(nets[1])
 
