@@ -92,8 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--lambda-gan2", type=float, default=1.0, help="weight of L_GAN, D2(G(A, z)) (official --lambda_GAN2)")
     p.add_argument("--lambda-l1", type=float, default=10.0, help="lambda of Eq. (9), image L1")
     p.add_argument("--lambda-latent", type=float, default=0.5, help="lambda_latent of Eq. (9); 0 gives cVAE-GAN++")
-    p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.0004 on the toy data "
-                   "(common.TOY_SUMMED_KL)")
+    p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.01 / 8 on the toy data, "
+                   "whose half-batch holds 8 images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")

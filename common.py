@@ -176,11 +176,8 @@ PAIRED_DATASETS = {
 TOY_PAIRED_TRAINING = dict(batch_size=16, norm="batch", epochs=60, epochs_decay=60)  # 25 steps an epoch: 3000 in all
 # bicyclegan.py and divco.py sum the KL over the encoded half-batch, as the official code (one image
 # at its batch 2); at 16 pairs a step that would weigh the KL 8x more per image against the image
-# L1, which is a mean: the official per-image balance is lambda_KL 0.01 / 8. Their toy default is a
-# third of that, 0.0004: at 0.01 / 8 the KL draws E's codes together until two colours now and then
-# share one (2 of 8 demo runs); a tenth keeps them apart but no longer fills N(0, I), so prior samples
-# miss a colour (README, "The cause": the KL trials).
-TOY_SUMMED_KL = 0.0004
+# L1, which is a mean. Their toy default keeps the official per-image balance: lambda_KL 0.01 / 8.
+TOY_SUMMED_KL = 0.01 * 2 / 16
 # Unpaired names (trainA/ trainB/ testA/ testB/), official CycleGAN zips and training options
 # (100 + 100 epochs, load 286, crop 256). maps and facades also exist paired: their unpaired
 # copies get their own folders.

@@ -106,8 +106,8 @@ def parse_args(argv=None):
                    "--no-gan-trains-e: G only (the toy default; README, When G ignores z)")
     p.add_argument("--lambda-l1", type=float, default=10.0, help="lambda_opt: image L1 (paired), cycle L1 (unpaired)")
     p.add_argument("--lambda-latent", type=float, default=0.0, help="lambda_latent of Eq. (9) (DivCo paired: 0)")
-    p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.0004 on the toy data "
-                   "(common.TOY_SUMMED_KL)")
+    p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.01 / 8 on the toy data, "
+                   "whose half-batch holds 8 images")
     p.add_argument("--diversity-loss", default="contrastive", choices=["contrastive", "mode-seeking", "none"])
     p.add_argument("--lambda-contra", type=float, default=0.3, help="lambda_contra (official paired: 0.3)")
     p.add_argument("--num-negatives", type=int, default=10, help="N negatives per query (official: 10)")
