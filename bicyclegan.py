@@ -94,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--lambda-latent", type=float, default=0.5, help="lambda_latent of Eq. (9); 0 gives cVAE-GAN++")
     p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.01 / 8 on the toy data, "
                    "whose half-batch holds 8 images")
+    p.add_argument("--kl-warmup", type=int, default=0, help="epochs over which lambda_KL rises linearly from 0 "
+                   "to its value (0: constant, as the paper; README, KL warm-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
@@ -160,7 +162,13 @@ def latent_l1(mu_random, z_random):
 # ---------------------------------------------------------------------------------------------
 # 5. Training step: forward both cycles, G/E update, then D and D2
 # ---------------------------------------------------------------------------------------------
-def train_step(nets, optims, real_A, real_B, args):
+def kl_weight(args, epoch):
+    # lambda_KL of Eq. (9) in this epoch: constant (the paper), or with --kl-warmup N rising linearly
+    # over the first N epochs, so that E's codes for different targets part before the KL pulls them in
+    return args.lambda_kl * min(1.0, (epoch + 1) / args.kl_warmup) if args.kl_warmup else args.lambda_kl
+
+
+def train_step(nets, optims, real_A, real_B, args, lambda_kl=None):
     netG, netE, netD, netD2 = nets
     opt_G, opt_E, opt_D, opt_D2 = optims
     half = real_A.size(0) // 2
@@ -188,7 +196,7 @@ def train_step(nets, optims, real_A, real_B, args):
     # Eq. (1): L_GAN = E[log D(B)] + E[log(1 - D(G(A, z)))], z ~ N(0, I)   (second D, G's side)
     loss_G_GAN2 = args.lambda_gan2 * common.gan_loss(netD2(fake_B_random), True, args.gan_mode)
     loss_G_L1 = args.lambda_l1 * image_l1(fake_B_encoded, real_B_encoded)
-    loss_kl = args.lambda_kl * kl_loss(mu, logvar)
+    loss_kl = (args.lambda_kl if lambda_kl is None else lambda_kl) * kl_loss(mu, logvar)
     # Eq. (7), G only: E is frozen while it reads the random fake, so this term reaches G through
     # fake_B_random and never E (paper §4: optimising both lets them hide z instead of using it).
     common.set_requires_grad(netE, False)
@@ -311,7 +319,7 @@ def main(args):
             real_A = batch["A"].to(device, non_blocking=True)
             real_B = batch["B"].to(device, non_blocking=True)
             with common.mixed_precision(device, args.amp):  # --amp: bf16 autocast
-                losses = train_step(train_nets, optims, real_A, real_B, args)
+                losses = train_step(train_nets, optims, real_A, real_B, args, kl_weight(args, epoch))
             step += 1
             speed.step(args.batch_size * common.world_size())  # images of all ranks
             bar.update(1)

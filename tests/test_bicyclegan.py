@@ -23,6 +23,21 @@ def test_kl_by_hand():
     assert bicyclegan.kl_loss(torch.zeros(4, 8), torch.zeros(4, 8)).item() == 0.0  # E(B) = N(0, I)
 
 
+def test_kl_warmup_ramps_lambda_kl_then_holds_it(monkeypatch):
+    constant = bicyclegan.parse_args(["--quick", "--lambda-kl", "0.2"])
+    assert [bicyclegan.kl_weight(constant, e) for e in (0, 5, 50)] == [0.2, 0.2, 0.2]  # the paper: constant
+    ramp = bicyclegan.parse_args(["--quick", "--lambda-kl", "0.2", "--kl-warmup", "4"])
+    assert [bicyclegan.kl_weight(ramp, e) for e in range(6)] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    # the weight given to train_step is the one its KL term uses (a KL of 1 to read it off)
+    monkeypatch.setattr(bicyclegan, "kl_loss", lambda mu, logvar: 1.0 + 0.0 * mu.sum())
+    torch.manual_seed(0)
+    nets = bicyclegan.build_networks(ramp, torch.device("cpu"))
+    optims = [common.adam(net, 0.0) for net in nets]
+    real = torch.rand(2, 3, 64, 64) * 2 - 1
+    kl = [bicyclegan.train_step(nets, optims, real, real, ramp, w)["kl"].item() for w in (0.0, 0.2)]
+    assert kl == pytest.approx([0.0, 0.2])
+
+
 def test_encoder_widths_match_the_official():
     """Official networks.py: E_NLayers (conv_256) nf_mult = min(2^n, 4); E_ResNet (resnet_256)
     ndf * min(4, n + 1) out of each of its four blocks."""
