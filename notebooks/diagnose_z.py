@@ -178,19 +178,24 @@ def pathways(size=64, ngf=16, norm="instance", seed=0):
 
 
 @torch.no_grad()
-def encoded_confusion(out, flags):
+def encoded_confusion(out, flags, e_train_mode=False):
     """For a trained toy run folder: per target colour, which colour the encoded output G(A, mu(E(B)))
-    shows on the 400 training pairs, and how far apart E's mean codes of the four colours are."""
+    shows on the 400 training pairs, and how far apart E's mean codes of the four colours are.
+    e_train_mode: E normalises with the statistics of 8 targets at a time (shuffled), as in
+    train_step's encoded half-batch, instead of its running averages (G stays in eval mode)."""
     args = bicyclegan.parse_args(["--out", str(out)] + flags)
     ckpt = common.load_checkpoint(Path(out) / "latest.pt", "cpu", args)
     netG, netE, _, _ = bicyclegan.build_networks(args, torch.device("cpu"))
     netG.load_state_dict(ckpt["netG"]), netE.load_state_dict(ckpt["netE"])
-    netG.eval(), netE.eval()
+    netG.eval(), netE.train(e_train_mode)
     dataset = common.paired_dataset(args, train=True)
     confusion = [[0] * 5 for _ in range(4)]  # rows: target colour; columns: output colour, last: no clean colour
     codes = [[] for _ in range(4)]
-    for i in range(0, len(dataset), 20):
-        items = [dataset[j] for j in range(i, min(i + 20, len(dataset)))]
+    step = 8 if e_train_mode else 20
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist() if e_train_mode \
+        else list(range(len(dataset)))
+    for i in range(0, len(dataset), step):
+        items = [dataset[j] for j in order[i:i + step]]
         mu, _ = netE(torch.stack([it["B"] for it in items]))
         for item, m, output in zip(items, mu, netG(torch.stack([it["A"] for it in items]), mu)):
             target = common.toy_mode(item["B"])
@@ -254,6 +259,8 @@ def main():
     p.add_argument("--palette", type=int, nargs=12, help="trial: the toy's four colours (12 RGB values)")
     p.add_argument("--encoded-confusion", metavar="RUN", help="only the encoded output's colours of a trained "
                    "bicyclegan.py toy run folder (its flags after --flags)")
+    p.add_argument("--e-train-mode", action="store_true", help="with --encoded-confusion: E with batch statistics "
+                   "of 8 targets, as in training")
     p.add_argument("--pathways", action="store_true", help="only the per-level z pathways at initialisation")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="bicyclegan.py flags for every run")
     a = p.parse_args()
@@ -261,7 +268,7 @@ def main():
         common.TOY_PALETTE = tuple(tuple(a.palette[i:i + 3]) for i in (0, 3, 6, 9))
     torch.set_num_threads(1)
     if a.encoded_confusion:
-        print(json.dumps(encoded_confusion(a.encoded_confusion, a.flags)))
+        print(json.dumps(encoded_confusion(a.encoded_confusion, a.flags, a.e_train_mode)))
         return
     if a.pathways:
         for size, ngf in ((64, 16), (256, 64)):
