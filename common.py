@@ -335,7 +335,7 @@ TOY_OUTLINE = (20, 20, 20)
 # (README, The cause; the earlier palette had pairs 151 and 290 apart).
 TOY_PALETTE = ((158, 16, 87), (16, 158, 87), (128, 128, 250), (210, 210, 87))  # red green blue yellow
 # 100 test pairs, as the paper's --num-test 100: the per-run coverage, valid share and encoded share are
-# means over the test inputs, and with 20 inputs one input moved them by 5 points (README, The demo).
+# means over the test inputs, and with 20 inputs one input moved them by 5 points (README, On 100 test inputs).
 TOY_SPLITS = {"train": 400, "test": 100}  # the test pairs are drawn after the training pairs
 
 
