@@ -177,22 +177,35 @@ def pathways(size=64, ngf=16, norm="instance", seed=0):
     return result
 
 
+def batch_norm_on_batch_statistics(net):
+    """Eval mode (no dropout) except the batch norms, which normalise with the batch's own statistics."""
+    net.eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+
+
 @torch.no_grad()
-def encoded_confusion(out, flags, e_train_mode=False):
+def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     """For a trained toy run folder: per target colour, which colour the encoded output G(A, mu(E(B)))
     shows on the 400 training pairs, and how far apart E's mean codes of the four colours are.
     e_train_mode: E normalises with the statistics of 8 targets at a time (shuffled), as in
-    train_step's encoded half-batch, instead of its running averages (G stays in eval mode)."""
+    train_step's encoded half-batch, instead of its running averages (G stays in eval mode).
+    g_train_mode: G's batch norms likewise use the statistics of the 8 pairs (dropout stays off), as G
+    saw its encoded half-batch in training; the running averages also hold the prior-code passes."""
     args = bicyclegan.parse_args(["--out", str(out)] + flags)
     ckpt = common.load_checkpoint(Path(out) / "latest.pt", "cpu", args)
     netG, netE, _, _ = bicyclegan.build_networks(args, torch.device("cpu"))
     netG.load_state_dict(ckpt["netG"]), netE.load_state_dict(ckpt["netE"])
     netG.eval(), netE.train(e_train_mode)
+    if g_train_mode:
+        batch_norm_on_batch_statistics(netG)
     dataset = common.paired_dataset(args, train=True)
     confusion = [[0] * 5 for _ in range(4)]  # rows: target colour; columns: output colour, last: no clean colour
     codes = [[] for _ in range(4)]
-    step = 8 if e_train_mode else 20
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist() if e_train_mode \
+    batch_statistics = e_train_mode or g_train_mode
+    step = 8 if batch_statistics else 20
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist() if batch_statistics \
         else list(range(len(dataset)))
     for i in range(0, len(dataset), step):
         items = [dataset[j] for j in order[i:i + step]]
@@ -261,6 +274,8 @@ def main():
                    "bicyclegan.py toy run folder (its flags after --flags)")
     p.add_argument("--e-train-mode", action="store_true", help="with --encoded-confusion: E with batch statistics "
                    "of 8 targets, as in training")
+    p.add_argument("--g-train-mode", action="store_true", help="with --encoded-confusion: G's batch norms with "
+                   "the statistics of 8 pairs, as G's encoded half-batch in training (dropout off)")
     p.add_argument("--pathways", action="store_true", help="only the per-level z pathways at initialisation")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="bicyclegan.py flags for every run")
     a = p.parse_args()
@@ -268,7 +283,7 @@ def main():
         common.TOY_PALETTE = tuple(tuple(a.palette[i:i + 3]) for i in (0, 3, 6, 9))
     torch.set_num_threads(1)
     if a.encoded_confusion:
-        print(json.dumps(encoded_confusion(a.encoded_confusion, a.flags, a.e_train_mode)))
+        print(json.dumps(encoded_confusion(a.encoded_confusion, a.flags, a.e_train_mode, a.g_train_mode)))
         return
     if a.pathways:
         for size, ngf in ((64, 16), (256, 64)):
