@@ -188,7 +188,9 @@ def batch_norm_on_batch_statistics(net):
 @torch.no_grad()
 def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     """For a trained toy run folder: per target colour, which colour the encoded output G(A, mu(E(B)))
-    shows on the 400 training pairs, and how far apart E's mean codes of the four colours are.
+    shows on the 400 training pairs, and how far apart E's mean codes of the four colours are; then
+    the same share right by the target's coloured area (thirds of the pairs, smallest first) and, per
+    colour, the correlation between that area and the code's distance from the mean of all codes.
     e_train_mode: E normalises with the statistics of 8 targets at a time (shuffled), as in
     train_step's encoded half-batch, instead of its running averages (G stays in eval mode).
     g_train_mode: G's batch norms likewise use the statistics of the 8 pairs (dropout stays off), as G
@@ -203,6 +205,7 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     dataset = common.paired_dataset(args, train=True)
     confusion = [[0] * 5 for _ in range(4)]  # rows: target colour; columns: output colour, last: no clean colour
     codes = [[] for _ in range(4)]
+    rows = []  # per pair: target colour, coloured area (share of the image), encoded right, mu
     batch_statistics = e_train_mode or g_train_mode
     step = 8 if batch_statistics else 20
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist() if batch_statistics \
@@ -214,8 +217,22 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
             target = common.toy_mode(item["B"])
             confusion[target][common.toy_mode(output)] += 1
             codes[target].append(m)
+            area = float(common.toy_foreground(item["B"]).float().mean())
+            rows.append((target, area, common.toy_mode(output) == target, m))
     centroids = torch.stack([torch.stack(c).mean(0) for c in codes])
-    return {"confusion": confusion, "centroid_distances": [[round(float(d), 2) for d in row] for row in torch.cdist(centroids, centroids)]}
+    by_area = sorted(rows, key=lambda r: r[1])
+    thirds = [by_area[k * len(rows) // 3:(k + 1) * len(rows) // 3] for k in range(3)]
+    mean_code = torch.stack([r[3] for r in rows]).mean(0)
+    correlation = []
+    for colour in range(4):
+        area = torch.tensor([r[1] for r in rows if r[0] == colour])
+        distance = torch.stack([(r[3] - mean_code).norm() for r in rows if r[0] == colour])
+        correlation.append(round(float(torch.corrcoef(torch.stack([area, distance]))[0, 1]), 2))
+    return {"confusion": confusion,
+            "centroid_distances": [[round(float(d), 2) for d in row] for row in torch.cdist(centroids, centroids)],
+            "area_thirds": [round(sum(r[1] for r in t) / len(t), 3) for t in thirds],
+            "right_by_area_third": [round(sum(r[2] for r in t) / len(t), 3) for t in thirds],
+            "area_vs_code_distance_per_colour": correlation}
 
 
 def run(variant, seed, iters, probe_every, flags, epoch_size=200, gan_after=0, gan_ramp=0, norm_d=None):
