@@ -188,9 +188,10 @@ def batch_norm_on_batch_statistics(net):
 @torch.no_grad()
 def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     """For a trained toy run folder: per target colour, which colour the encoded output G(A, mu(E(B)))
-    shows on the 400 training pairs, and how far apart E's mean codes of the four colours are; then
-    the same share right by the target's coloured area (thirds of the pairs, smallest first) and, per
-    colour, the correlation between that area and the code's distance from the mean of all codes.
+    shows on the 400 training pairs, how far apart E's mean codes of the four colours are, whether each
+    code lies nearest its own colour's centroid, the share right by the target's coloured area (thirds
+    of the pairs, smallest first) and, per colour, the correlation between that area and the code's
+    distance from the mean of all codes.
     e_train_mode: E normalises with the statistics of 8 targets at a time (shuffled), as in
     train_step's encoded half-batch, instead of its running averages (G stays in eval mode).
     g_train_mode: G's batch norms likewise use the statistics of the 8 pairs (dropout stays off), as G
@@ -228,8 +229,11 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
         area = torch.tensor([r[1] for r in rows if r[0] == colour])
         distance = torch.stack([(r[3] - mean_code).norm() for r in rows if r[0] == colour])
         correlation.append(round(float(torch.corrcoef(torch.stack([area, distance]))[0, 1]), 2))
+    # can E's codes tell the colours apart at all? (each code nearest its own colour's centroid)
+    nearest = sum(int(torch.cdist(r[3][None], centroids).argmin()) == r[0] for r in rows) / len(rows)
     return {"confusion": confusion,
             "centroid_distances": [[round(float(d), 2) for d in row] for row in torch.cdist(centroids, centroids)],
+            "codes_nearest_own_centroid": round(nearest, 3),
             "area_thirds": [round(sum(r[1] for r in t) / len(t), 3) for t in thirds],
             "right_by_area_third": [round(sum(r[2] for r in t) / len(t), 3) for t in thirds],
             "area_vs_code_distance_per_colour": correlation}
