@@ -188,10 +188,10 @@ def batch_norm_on_batch_statistics(net):
 @torch.no_grad()
 def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     """For a trained toy run folder: per target colour, which colour the encoded output G(A, mu(E(B)))
-    shows on the 400 training pairs, how far apart E's mean codes of the four colours are, whether each
-    code lies nearest its own colour's centroid, the share right by the target's coloured area (thirds
-    of the pairs, smallest first) and, per colour, the correlation between that area and the code's
-    distance from the mean of all codes.
+    shows on the 400 training pairs, how far apart E's mean codes of the four colours are, E's mean
+    sigma, whether each code lies nearest its own colour's centroid, the share right by the target's
+    coloured area (thirds of the pairs, smallest first) and, per colour, the correlation between that
+    area and the code's distance from the mean of all codes.
     e_train_mode: E normalises with the statistics of 8 targets at a time (shuffled), as in
     train_step's encoded half-batch, instead of its running averages (G stays in eval mode).
     g_train_mode: G's batch norms likewise use the statistics of the 8 pairs (dropout stays off), as G
@@ -206,6 +206,7 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     dataset = common.paired_dataset(args, train=True)
     confusion = [[0] * 5 for _ in range(4)]  # rows: target colour; columns: output colour, last: no clean colour
     codes = [[] for _ in range(4)]
+    sigmas = []  # E's sigma per target and dimension
     rows = []  # per pair: target colour, coloured area (share of the image), encoded right, mu
     batch_statistics = e_train_mode or g_train_mode
     step = 8 if batch_statistics else 20
@@ -213,7 +214,8 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
         else list(range(len(dataset)))
     for i in range(0, len(dataset), step):
         items = [dataset[j] for j in order[i:i + step]]
-        mu, _ = netE(torch.stack([it["B"] for it in items]))
+        mu, logvar = netE(torch.stack([it["B"] for it in items]))
+        sigmas.append(torch.exp(0.5 * logvar))
         for item, m, output in zip(items, mu, netG(torch.stack([it["A"] for it in items]), mu)):
             target = common.toy_mode(item["B"])
             confusion[target][common.toy_mode(output)] += 1
@@ -233,7 +235,7 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     nearest = sum(int(torch.cdist(r[3][None], centroids).argmin()) == r[0] for r in rows) / len(rows)
     return {"confusion": confusion,
             "centroid_distances": [[round(float(d), 2) for d in row] for row in torch.cdist(centroids, centroids)],
-            "codes_nearest_own_centroid": round(nearest, 3),
+            "codes_nearest_own_centroid": round(nearest, 3), "sigma": round(float(torch.cat(sigmas).mean()), 3),
             "area_thirds": [round(sum(r[1] for r in t) / len(t), 3) for t in thirds],
             "right_by_area_third": [round(sum(r[2] for r in t) / len(t), 3) for t in thirds],
             "area_vs_code_distance_per_colour": correlation}
