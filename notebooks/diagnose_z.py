@@ -91,6 +91,14 @@ def pulls_on_mu(netG, netE, netD, train, generator, args):
     return {k: float(f"{v:.2e}") for k, v in pulls.items()}
 
 
+def batch_norm_on_batch_statistics(net):
+    """Eval mode (no dropout) except the batch norms, which normalise with the batch's own statistics."""
+    net.eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+
+
 @torch.no_grad()
 def probes(netG, netE, netD, train, test, generator, args):
     nz = args.nz
@@ -118,9 +126,7 @@ def probes(netG, netE, netD, train, test, generator, args):
         # the same encoded output with batch norm on batch statistics (8 pairs at a time, as in
         # training) instead of its running averages: tells an eval-mode artefact from a real miss
         G, E = copy.deepcopy(netG), copy.deepcopy(netE)
-        for m in list(G.modules()) + list(E.modules()):
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.train()
+        batch_norm_on_batch_statistics(G), batch_norm_on_batch_statistics(E)
         right = sum(encoded_accuracy(train[i:i + 8], G, E)[0] * 8 for i in range(0, 200, 8))
         batch_stats = {"enc_train_batchstats": round(right / 200, 3)}
     # the encoded output as the L1 of training sees it: every layer in training mode (dropout,
@@ -177,14 +183,6 @@ def pathways(size=64, ngf=16, norm="instance", seed=0):
     return result
 
 
-def batch_norm_on_batch_statistics(net):
-    """Eval mode (no dropout) except the batch norms, which normalise with the batch's own statistics."""
-    net.eval()
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.train()
-
-
 @torch.no_grad()
 def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     """For a trained toy run folder: per target colour, which colour the encoded output G(A, mu(E(B)))
@@ -205,7 +203,6 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
         batch_norm_on_batch_statistics(netG)
     dataset = common.paired_dataset(args, train=True)
     confusion = [[0] * 5 for _ in range(4)]  # rows: target colour; columns: output colour, last: no clean colour
-    codes = [[] for _ in range(4)]
     sigmas = []  # E's sigma per target and dimension
     rows = []  # per pair: target colour, coloured area (share of the image), encoded right, mu
     batch_statistics = e_train_mode or g_train_mode
@@ -219,10 +216,9 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
         for item, m, output in zip(items, mu, netG(torch.stack([it["A"] for it in items]), mu)):
             target = common.toy_mode(item["B"])
             confusion[target][common.toy_mode(output)] += 1
-            codes[target].append(m)
             area = float(common.toy_foreground(item["B"]).float().mean())
             rows.append((target, area, common.toy_mode(output) == target, m))
-    centroids = torch.stack([torch.stack(c).mean(0) for c in codes])
+    centroids = torch.stack([torch.stack([r[3] for r in rows if r[0] == colour]).mean(0) for colour in range(4)])
     by_area = sorted(rows, key=lambda r: r[1])
     thirds = [by_area[k * len(rows) // 3:(k + 1) * len(rows) // 3] for k in range(3)]
     mean_code = torch.stack([r[3] for r in rows]).mean(0)
