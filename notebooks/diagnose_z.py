@@ -187,7 +187,7 @@ def pathways(size=64, ngf=16, norm="instance", seed=0):
 def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     """For a trained toy run folder: per target colour, which colour the encoded output G(A, mu(E(B)))
     shows on the 400 training pairs, how far apart E's mean codes of the four colours are, E's mean
-    sigma, whether each code lies nearest its own colour's centroid, the share right by the target's
+    sigma, the centroids' distances from the origin, whether each code lies nearest its own colour's centroid, the share right by the target's
     coloured area (thirds of the pairs, smallest first) and, per colour, the correlation between that
     area and the code's distance from the mean of all codes.
     e_train_mode: E normalises with the statistics of 8 targets at a time (shuffled), as in
@@ -231,6 +231,7 @@ def encoded_confusion(out, flags, e_train_mode=False, g_train_mode=False):
     nearest = sum(int(torch.cdist(r[3][None], centroids).argmin()) == r[0] for r in rows) / len(rows)
     return {"confusion": confusion,
             "centroid_distances": [[round(float(d), 2) for d in row] for row in torch.cdist(centroids, centroids)],
+            "centroid_norms": [round(float(c.norm()), 2) for c in centroids],  # the prior's samples lie ~sqrt(nz) out
             "codes_nearest_own_centroid": round(nearest, 3), "sigma": round(float(torch.cat(sigmas).mean()), 3),
             "area_thirds": [round(sum(r[1] for r in t) / len(t), 3) for t in thirds],
             "right_by_area_third": [round(sum(r[2] for r in t) / len(t), 3) for t in thirds],
