@@ -169,11 +169,14 @@ PAIRED_DATASETS = {
                 ngf=16, nef=16, ndf=16),
 }
 # The toy demo's training choices for the five paired scripts, whose G is the U-Net (README, "When G
-# ignores z"): 16 pairs a step (8 per half-batch) and batch norm in every network. On the toy's flat,
+# ignores z"): 16 pairs a step (8 per half-batch) and batch norm in E and the Ds. On the toy's flat,
 # piecewise-constant images, instance norm removes the per-image offset that a spatially constant z
 # adds at each normalised level, and G settles on two colours; batch norm over several images keeps
-# it. Real data sets keep the official batch size and instance norm; flags still win.
-TOY_PAIRED_TRAINING = dict(batch_size=16, norm="batch", epochs=60, epochs_decay=60)  # 25 steps an epoch: 3000 in all
+# it. G itself uses the per-image layer norm: batch norm's running averages, which mix G's passes on
+# E's codes with those on prior codes, misread E's codes at test time. 90 + 90 epochs: after 60 + 60
+# G can still draw one colour at another colour's code. Real data sets keep the official batch size
+# and instance norm; flags still win.
+TOY_PAIRED_TRAINING = dict(batch_size=16, norm="batch", norm_g="layer", epochs=90, epochs_decay=90)  # 4500 steps
 # bicyclegan.py and divco.py sum the KL over the encoded half-batch, as the official code (one image
 # at its batch 2); at 16 pairs a step that would weigh the KL 8x more per image against the image
 # L1, which is a mean. Their toy default keeps the official per-image balance: lambda_KL 0.01 / 8.
@@ -339,9 +342,15 @@ TOY_PALETTE = ((158, 16, 87), (16, 158, 87), (128, 128, 250), (210, 210, 87))  #
 TOY_SPLITS = {"train": 400, "test": 100}  # the test pairs are drawn after the training pairs
 
 
+# Every shape's coloured share of the image (toy data v4). E averages over the image, so with shapes of
+# 2 to 56 % its code moved with the area as much as with the colour (README, "The shapes' area").
+TOY_AREA = (0.25, 0.35)
+
+
 def _toy_shape(rng):
     kind = rng.choice(("circle", "square", "triangle"))
-    r = rng.randint(12, 24)
+    area = rng.uniform(*TOY_AREA) * TOY_SIZE ** 2
+    r = round(math.sqrt(area / {"circle": math.pi, "square": 4.0, "triangle": 2.0}[kind]))
     cx, cy = rng.randint(r + 3, TOY_SIZE - r - 4), rng.randint(r + 3, TOY_SIZE - r - 4)
     if kind == "circle":
         return kind, [cx - r, cy - r, cx + r, cy + r]
@@ -368,7 +377,7 @@ def make_toy_dataset(folder, layout="paired", seed=0):
     """Write the toy data once (deterministic for a seed): paired A|B files in train/ and test/,
     or unpaired outlines and filled shapes in trainA/ trainB/ testA/ testB/."""
     folder = Path(folder)
-    stamp = f"toy v3 {layout} seed {seed}\n"  # v2: the equidistant palette; v3: 100 test pairs
+    stamp = f"toy v4 {layout} seed {seed}\n"  # v2: the equidistant palette; v3: 100 test pairs; v4: equal areas
     if (folder / ".complete").exists() and (folder / ".complete").read_text() == stamp:
         return folder
     rng = random.Random(seed)
@@ -1336,7 +1345,7 @@ def resume(path, device, args, parts):
 # Options that fix the shape of the networks: a resumed or tested run takes them from its checkpoint.
 # crop_size is among them because the training crop decides the U-Net's depth (and CycleGAN's
 # number of blocks); the size a test runs at is test_size, which is not.
-ARCH_OPTIONS = ("nz", "ngf", "nef", "ndf", "input_nc", "output_nc", "crop_size", "where_add", "norm",
+ARCH_OPTIONS = ("nz", "ngf", "nef", "ndf", "input_nc", "output_nc", "crop_size", "where_add", "norm", "norm_g",
                 "encoder", "direction", "setting", "n_blocks", "mlp_dim", "style_dim", "pix2pix_original")
 
 
@@ -1346,6 +1355,8 @@ def restore_arch_options(args, saved):
     for key in ARCH_OPTIONS:
         if key in saved and getattr(args, key, None) != saved[key]:
             setattr(args, key, saved[key])
+    if "norm" in saved and "norm_g" not in saved and hasattr(args, "norm_g"):
+        args.norm_g = None  # a checkpoint from before --norm-g: its G has --norm's layers
     if getattr(args, "test_size", None) is None:
         args.test_size = args.crop_size
     return args

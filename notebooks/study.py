@@ -73,8 +73,8 @@ def mean_sd(values):
 
 def run_study(methods, iters, seeds, out, n_samples=10, width=None, extra=(), retrain=False, jobs=1):
     """Train and test each method for each seed; returns {method: [metrics per seed]}.
-    iters: None trains each script on its own toy schedule (paired scripts: 60 + 60 epochs at 16
-    pairs a step, 48000 images; cyclegan.py and munit.py: 15 + 15 epochs at batch 1, 12000), a
+    iters: None trains each script on its own toy schedule (paired scripts: 90 + 90 epochs at 16
+    pairs a step, 72000 images; cyclegan.py and munit.py: 15 + 15 epochs at batch 1, 12000), a
     number trains that many iterations at a constant learning rate.
     width: --ngf/--nef/--ndf for every script (None: the scripts' defaults). jobs: runs at once."""
     out = Path(out)
@@ -203,7 +203,7 @@ def main():
     p.add_argument("--setting", default="paired", choices=["paired", "unpaired"])
     p.add_argument("--methods", nargs="+", help="default: every method of the setting")
     p.add_argument("--iters", type=int, help="iterations per run at a constant learning rate (default: each "
-                   "script's toy schedule: 60 + 60 epochs at batch 16 for the paired scripts, 15 + 15 at batch 1 "
+                   "script's toy schedule: 90 + 90 epochs at batch 16 for the paired scripts, 15 + 15 at batch 1 "
                    "for the unpaired ones)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (one CPU thread each when > 1)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

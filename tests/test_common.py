@@ -28,6 +28,22 @@ def test_toy_data_is_deterministic_and_balanced(tmp_path, toy_paired):
     assert -1 not in modes and all(60 < c < 140 for c in counts), counts  # 400 images, 4 equal modes
 
 
+def test_toy_shapes_fill_a_quarter_to_a_third_of_the_image(toy_paired):
+    # Toy data v4 (README, The shapes' area): E averages over the image, so shapes of very different
+    # sizes gave codes that moved with the area as much as with the colour.
+    dataset = common.AlignedDataset(toy_paired / "train", load_size=64, crop_size=64, train=False)
+    areas = [float(common.toy_foreground(dataset[i]["B"]).float().mean()) for i in range(0, len(dataset), 4)]
+    assert 0.24 < min(areas) and max(areas) < 0.38 and max(areas) / min(areas) < 1.5, (min(areas), max(areas))
+
+
+def test_restored_checkpoints_from_before_norm_g_build_G_with_norm():
+    args = type("Args", (), {"norm": "batch", "norm_g": "layer", "crop_size": 64, "test_size": None})()
+    common.restore_arch_options(args, {"norm": "batch", "crop_size": 64})
+    assert args.norm_g is None and args.test_size == 64
+    common.restore_arch_options(args, {"norm": "batch", "norm_g": "layer"})
+    assert args.norm_g == "layer"
+
+
 def test_toy_metrics_on_constructed_samples(toy_paired):
     dataset = common.AlignedDataset(toy_paired / "test", load_size=64, crop_size=64, train=False)
     item = dataset[0]

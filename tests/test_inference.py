@@ -67,7 +67,7 @@ def trained(tmp_path_factory, toy_paired, toy_unpaired):
     def get(script):
         if script not in done:
             data = toy_unpaired if script in UNPAIRED else toy_paired
-            call(script, "--quick", "--max-iters", 2, "--dataset", data, "--out", root / script)
+            call(script, "--quick", "--max-iters", 8, "--dataset", data, "--out", root / script)
             done[script] = root / script
         return done[script]
     return get

@@ -76,11 +76,12 @@ def test_speed_flags_give_the_same_losses(tmp_path):
 
 def test_compile_gives_the_same_losses(tmp_path):
     """torch.compile (CPU here: needs a C compiler, takes about a minute) trains and saves plain
-    checkpoints. Its dropout draws other masks, so the losses agree to within 2 %."""
-    run_script("pix2pix_noise.py", *FLAGS, "--out", "plain", cwd=tmp_path)
-    run_script("pix2pix_noise.py", *FLAGS, "--out", "compiled", "--compile", cwd=tmp_path)
+    checkpoints. Without dropout (whose masks compiled code draws differently) the losses agree to
+    within 0.1 %."""
+    run_script("pix2pix_noise.py", *FLAGS, "--no-dropout", "--out", "plain", cwd=tmp_path)
+    run_script("pix2pix_noise.py", *FLAGS, "--no-dropout", "--out", "compiled", "--compile", cwd=tmp_path)
     compiled, plain = (common.read_losses(tmp_path / name / "losses.csv") for name in ("compiled", "plain"))
-    close(compiled, plain, 2e-2, ["G_GAN", "G_L1", "D"])
+    close(compiled, plain, 1e-3, ["G_GAN", "G_L1", "D"])
     state = torch.load(tmp_path / "compiled" / "latest.pt", weights_only=False)
     assert not any("_orig_mod" in k for k in state["netG"])  # loadable without compiling
     run_script("pix2pix_noise.py", "--quick", "--test", "--out", "compiled", cwd=tmp_path)
