@@ -97,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--lambda-kl", type=float, default=0.01, help="lambda_KL of Eq. (9); 0.01 / 8 on the toy data, "
                    "whose half-batch holds 8 images")
     p.add_argument("--kl-warmup", type=int, default=0, help="epochs over which lambda_KL rises linearly from 0 "
-                   "to its value (0: constant, as the paper; README, KL warm-up)")
+                   "to its value (0: constant, as the paper; notebooks/when_g_ignores_z.md, KL warm-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes")

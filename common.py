@@ -335,15 +335,17 @@ TOY_BACKGROUND = (235, 235, 235)
 TOY_OUTLINE = (20, 20, 20)
 # The four colours are equally far apart (200 in RGB: a regular tetrahedron around mid-grey, 150
 # from the background and the outline), so that no pair is easier for E to merge than another
-# (README, The cause; the earlier palette had pairs 151 and 290 apart).
+# (notebooks/when_g_ignores_z.md, The cause; the earlier palette had pairs 151 and 290 apart).
 TOY_PALETTE = ((158, 16, 87), (16, 158, 87), (128, 128, 250), (210, 210, 87))  # red green blue yellow
 # 100 test pairs, as the paper's --num-test 100: the per-run coverage, valid share and encoded share are
-# means over the test inputs, and with 20 inputs one input moved them by 5 points (README, On 100 test inputs).
+# means over the test inputs, and with 20 inputs one input moved them by 5 points
+# (notebooks/when_g_ignores_z.md, On 100 test inputs).
 TOY_SPLITS = {"train": 400, "test": 100}  # the test pairs are drawn after the training pairs
 
 
 # Every shape's coloured share of the image (toy data v4). E averages over the image, so with shapes of
-# 2 to 56 % its code moved with the area as much as with the colour (README, "The shapes' area").
+# 2 to 56 % its code moved with the area as much as with the colour
+# (notebooks/when_g_ignores_z.md, "The shapes' area").
 TOY_AREA = (0.25, 0.35)
 
 

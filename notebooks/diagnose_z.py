@@ -243,7 +243,7 @@ def run(variant, seed, iters, probe_every, flags, epoch_size=200, gan_after=0, g
     lambda_gans = args.lambda_gan, args.lambda_gan2
     common.seed_everything(seed)
     nets = bicyclegan.build_networks(args, torch.device("cpu"))
-    if norm_d:  # the two Ds with another norm than G and E (README, What the batch-norm D does)
+    if norm_d:  # the two Ds with another norm than G and E (notebooks/when_g_ignores_z.md, A correction)
         norm, args.norm = args.norm, norm_d
         nets[2:] = bicyclegan.build_networks(args, torch.device("cpu"))[2:]
         args.norm = norm

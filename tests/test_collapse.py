@@ -99,10 +99,10 @@ def test_instance_norm_removes_a_constant_code_batch_norm_keeps_it():
 
 
 def test_toy_G_normalises_each_image_alone_so_training_and_test_agree():
-    # The cause found on equal-area toy data (README, The shapes' area): with batch norm in G, its
-    # running averages (which mix G's passes on E's codes with those on prior codes) misread E's
-    # codes at test time. The toy default's per-image norm gives G the same output in training and
-    # in eval mode (dropout aside), and one pair's output does not depend on its batch mates.
+    # The cause found on equal-area toy data (notebooks/when_g_ignores_z.md, The shapes' area): with
+    # batch norm in G, its running averages (which mix G's passes on E's codes with those on prior
+    # codes) misread E's codes at test time. The toy default's per-image norm gives G the same output
+    # in training and in eval mode (dropout aside), and one pair's output does not depend on its batch mates.
     import bicyclegan
     torch.manual_seed(0)
     a, z = torch.randn(4, 3, 64, 64), torch.randn(4, 8)

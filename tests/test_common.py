@@ -29,8 +29,8 @@ def test_toy_data_is_deterministic_and_balanced(tmp_path, toy_paired):
 
 
 def test_toy_shapes_fill_a_quarter_to_a_third_of_the_image(toy_paired):
-    # Toy data v4 (README, The shapes' area): E averages over the image, so shapes of very different
-    # sizes gave codes that moved with the area as much as with the colour.
+    # Toy data v4 (notebooks/when_g_ignores_z.md, The shapes' area): E averages over the image, so
+    # shapes of very different sizes gave codes that moved with the area as much as with the colour.
     dataset = common.AlignedDataset(toy_paired / "train", load_size=64, crop_size=64, train=False)
     areas = [float(common.toy_foreground(dataset[i]["B"]).float().mean()) for i in range(0, len(dataset), 4)]
     assert 0.24 < min(areas) and max(areas) < 0.38 and max(areas) / min(areas) < 1.5, (min(areas), max(areas))
@@ -327,8 +327,9 @@ def test_lpips_without_weights_reports_no_number(monkeypatch):
 
 
 def test_toy_colours_are_equally_far_apart():
-    # README, The cause: with unequal distances E learnt the main colour axis first and merged the
-    # closest pairs; the toy's four colours are a regular tetrahedron in RGB, clear of background and outline.
+    # notebooks/when_g_ignores_z.md, The cause: with unequal distances E learnt the main colour axis
+    # first and merged the closest pairs; the toy's four colours are a regular tetrahedron in RGB, clear
+    # of background and outline.
     palette = torch.tensor(common.TOY_PALETTE, dtype=torch.float)
     apart = torch.pdist(palette)
     assert apart.min() > 195 and apart.max() - apart.min() < 5, apart
