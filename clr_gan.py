@@ -80,6 +80,8 @@ def parse_args(argv=None):
                    "(README, When G ignores z)")
     p.add_argument("--norm-g", choices=["instance", "batch", "layer", "none"],
                    help="G's norm if it differs from --norm (layer on the toy data; README, When G ignores z)")
+    p.add_argument("--norm-d", choices=["instance", "batch", "layer", "none"],
+                   help="the Ds' norm if it differs from --norm (README, When G ignores z)")
     p.add_argument("--encoder", default="resnet", choices=["resnet", "cnn"], help="E_ResNet (paper) or E_CNN")
     p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
     p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
@@ -113,7 +115,7 @@ def build_networks(args, device):
     netG = common.UNetGenerator(args.input_nc, args.output_nc, args.nz, args.crop_size, args.ngf,
                                 args.norm_g or args.norm, use_dropout=not args.no_dropout, where_add=args.where_add)
     netE = common.make_encoder(args.encoder, args.output_nc, args.nz, args.nef, args.norm)
-    netD = common.PatchDiscriminator(args.output_nc, args.ndf, norm=args.norm, num_scales=2)
+    netD = common.PatchDiscriminator(args.output_nc, args.ndf, norm=args.norm_d or args.norm, num_scales=2)
     # Official BicycleGAN init: xavier_normal with gain 0.02 for every network.
     return [common.init_weights(net, "xavier", 0.02).to(device) for net in (netG, netE, netD)]
 

@@ -1348,7 +1348,7 @@ def resume(path, device, args, parts):
 # crop_size is among them because the training crop decides the U-Net's depth (and CycleGAN's
 # number of blocks); the size a test runs at is test_size, which is not.
 ARCH_OPTIONS = ("nz", "ngf", "nef", "ndf", "input_nc", "output_nc", "crop_size", "where_add", "norm", "norm_g",
-                "encoder", "direction", "setting", "n_blocks", "mlp_dim", "style_dim", "pix2pix_original")
+                "norm_d", "encoder", "direction", "setting", "n_blocks", "mlp_dim", "style_dim", "pix2pix_original")
 
 
 def restore_arch_options(args, saved):
@@ -1357,8 +1357,9 @@ def restore_arch_options(args, saved):
     for key in ARCH_OPTIONS:
         if key in saved and getattr(args, key, None) != saved[key]:
             setattr(args, key, saved[key])
-    if "norm" in saved and "norm_g" not in saved and hasattr(args, "norm_g"):
-        args.norm_g = None  # a checkpoint from before --norm-g: its G has --norm's layers
+    for key in ("norm_g", "norm_d"):  # a checkpoint from before --norm-g / --norm-d: G / D have --norm's layers
+        if "norm" in saved and key not in saved and hasattr(args, key):
+            setattr(args, key, None)
     if getattr(args, "test_size", None) is None:
         args.test_size = args.crop_size
     return args

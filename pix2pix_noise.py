@@ -76,6 +76,8 @@ def parse_args(argv=None):
                    "(README, When G ignores z)")
     p.add_argument("--norm-g", choices=["instance", "batch", "layer", "none"],
                    help="G's norm if it differs from --norm (layer on the toy data; README, When G ignores z)")
+    p.add_argument("--norm-d", choices=["instance", "batch", "layer", "none"],
+                   help="the Ds' norm if it differs from --norm (README, When G ignores z)")
     p.add_argument("--where-add", default="all", choices=["all", "input"], help="inject z in every down level or the input only")
     p.add_argument("--no-dropout", action="store_true", help="drop the 0.5 dropout of the inner U-Net levels")
     p.add_argument("--gan-mode", choices=["lsgan", "vanilla"], help="paper §4: LSGAN (vanilla with --pix2pix-original)")
@@ -114,7 +116,7 @@ def build_networks(args, device):
     netG = common.UNetGenerator(args.input_nc, args.output_nc, args.nz, args.crop_size, args.ngf,
                                 args.norm_g or args.norm, use_dropout=not args.no_dropout, where_add=args.where_add)
     d_input_nc = args.input_nc + args.output_nc if args.pix2pix_original else args.output_nc
-    netD = common.PatchDiscriminator(d_input_nc, args.ndf, norm=args.norm, num_scales=2)
+    netD = common.PatchDiscriminator(d_input_nc, args.ndf, norm=args.norm_d or args.norm, num_scales=2)
     # Official BicycleGAN init: xavier_normal with gain 0.02 for every network.
     return [common.init_weights(net, "xavier", 0.02).to(device) for net in (netG, netD)]
 

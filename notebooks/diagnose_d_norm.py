@@ -42,7 +42,7 @@ def scores(netG, test, nz, generator):
 def run(seed, norm_g, norm_d, iters, probe_every, flags, epoch_size=200):
     args = pix2pix_noise.parse_args(["--seed", str(seed)] + flags)
     common.seed_everything(seed)
-    args.norm, args.norm_g = norm_g, None
+    args.norm, args.norm_g, args.norm_d = norm_g, None, None  # G and D set apart below, through --norm
     netG = pix2pix_noise.build_networks(args, torch.device("cpu"))[0]
     args.norm = norm_d
     netD = pix2pix_noise.build_networks(args, torch.device("cpu"))[1]

@@ -175,3 +175,16 @@ def test_batch_norm_reads_a_code_against_the_batch_layer_norm_per_image():
     assert changed["batch"] > 0.1, changed
     assert changed["layer"] < 1e-5, changed
     assert moved["layer"] > 0.1, moved
+
+
+def test_norm_g_and_norm_d_set_G_and_the_Ds_apart_from_norm_in_every_paired_script():
+    import bicyclegan, clr_gan, cvae_gan, divco, pix2pix_noise
+    for script in (bicyclegan, clr_gan, cvae_gan, divco, pix2pix_noise):
+        args = script.parse_args(["--out", "unused", "--norm", "batch", "--norm-g", "instance", "--norm-d", "layer"])
+        netG, *rest = script.build_networks(args, torch.device("cpu"))
+        kinds = lambda net: {type(m).__name__ for m in net.modules() if "Norm" in type(m).__name__}
+        assert kinds(netG) == {"InstanceNorm2d"}, script.__name__
+        d_kinds = [kinds(net) for net in rest if isinstance(net, common.PatchDiscriminator)]
+        assert d_kinds and all(k == {"GroupNorm"} for k in d_kinds), (script.__name__, d_kinds)
+        others = [kinds(net) for net in rest if not isinstance(net, common.PatchDiscriminator)]
+        assert all(k <= {"BatchNorm2d"} for k in others), (script.__name__, others)  # E keeps --norm

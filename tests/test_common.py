@@ -36,12 +36,13 @@ def test_toy_shapes_fill_a_quarter_to_a_third_of_the_image(toy_paired):
     assert 0.24 < min(areas) and max(areas) < 0.38 and max(areas) / min(areas) < 1.5, (min(areas), max(areas))
 
 
-def test_restored_checkpoints_from_before_norm_g_build_G_with_norm():
-    args = type("Args", (), {"norm": "batch", "norm_g": "layer", "crop_size": 64, "test_size": None})()
+def test_restored_checkpoints_from_before_norm_g_and_norm_d_build_G_and_D_with_norm():
+    args = type("Args", (), {"norm": "batch", "norm_g": "layer", "norm_d": "layer", "crop_size": 64,
+                             "test_size": None})()
     common.restore_arch_options(args, {"norm": "batch", "crop_size": 64})
-    assert args.norm_g is None and args.test_size == 64
-    common.restore_arch_options(args, {"norm": "batch", "norm_g": "layer"})
-    assert args.norm_g == "layer"
+    assert args.norm_g is None and args.norm_d is None and args.test_size == 64
+    common.restore_arch_options(args, {"norm": "batch", "norm_g": "layer", "norm_d": "layer"})
+    assert args.norm_g == "layer" and args.norm_d == "layer"
 
 
 def test_toy_metrics_on_constructed_samples(toy_paired):
