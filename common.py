@@ -1608,6 +1608,18 @@ def toy_scores(input_img, samples):
             "valid": sum(m >= 0 for m in modes) / len(modes), "iou": sum(ious) / len(ious)}
 
 
+def code_agreement(modes):
+    """modes[input][k]: the colour of input i's sample from code k, the same codes for every input
+    (--sync). Per code, the share of inputs whose sample shows that code's most common colour,
+    averaged over the codes: 1.0 when each code means one colour whatever the input (z is read as
+    a colour), lower as a code's colour depends more on the input. Unclean samples count against."""
+    shares = []
+    for k in range(len(modes[0])):
+        clean = [row[k] for row in modes if row[k] >= 0]
+        shares.append(max(clean.count(m) for m in set(clean)) / len(modes) if clean else 0.0)
+    return sum(shares) / len(shares)
+
+
 def is_toy(dataset):
     """The built-in toy data, by name or by the stamp make_toy_dataset leaves in its folder."""
     stamp = Path(dataset) / ".complete"
@@ -1735,6 +1747,8 @@ def write_test_results(folder, results, args, toy=None):
         }
         if encoded_right:  # the encoded output (z = E's mean for the ground truth) has its colour
             metrics["toy"]["encoded_colour_right"] = sum(encoded_right) / len(encoded_right)
+        if metrics["sync"]:  # the same codes for every input: does each code mean one colour?
+            metrics["toy"]["code_agreement"] = code_agreement([s["modes"] for s in scores])
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = {k: v for k, v in metrics.items() if k != "toy"}
     if "toy" in metrics:

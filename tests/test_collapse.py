@@ -152,6 +152,19 @@ def test_toy_metrics_count_encoded_outputs_of_the_right_colour(tmp_path):
     metrics = common.write_test_results(tmp_path / "test", results, args)
     assert metrics["toy"]["encoded_colour_right"] == 0.5
     assert metrics["toy"]["mode_coverage"] == (2 / 4 + 1 / 4) / 2
+    assert "code_agreement" not in metrics["toy"]  # codes drawn afresh per input: nothing to agree on
+
+
+def test_sync_metrics_tell_whether_each_code_means_one_colour(tmp_path):
+    outline = common.to_tensor(common.draw_toy(("square", [10, 10, 40, 40])), 3)
+    args = type("Args", (), {"dataset": "toy", "direction": "AtoB", "sync": True})()
+    def agreement(rows):  # rows[input] = the colours drawn for codes 0, 1, 2 (-1: a grey, unclean sample)
+        results = [dict(A=outline, samples=[toy_image(c) if c >= 0 else torch.zeros(3, 64, 64) for c in row],
+                        name=str(i)) for i, row in enumerate(rows)]
+        return common.write_test_results(tmp_path / "test", results, args)["toy"]["code_agreement"]
+    assert agreement([[0, 1, 2], [0, 1, 2]]) == 1.0  # each code one colour for both inputs
+    assert agreement([[0, 1, 2], [1, 2, 0]]) == 0.5  # the colour of a code depends on the input
+    assert agreement([[0, 1, -1], [0, 1, -1]]) == 2 / 3  # no clean sample at code 2
 
 
 def test_batch_norm_reads_a_code_against_the_batch_layer_norm_per_image():
