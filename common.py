@@ -174,12 +174,13 @@ PAIRED_DATASETS = {
 # adds at each normalised level, and G settles on two colours; batch norm over several images keeps
 # it. G itself uses the per-image layer norm: batch norm's running averages, which mix G's passes on
 # E's codes with those on prior codes, misread E's codes at test time. 90 + 90 epochs: after 60 + 60
-# G can still draw one colour at another colour's code. Real data sets keep the official batch size
-# and instance norm; flags still win.
+# (and 70 + 70) E can still leave two colours with one code. Real data sets keep the official batch
+# size and instance norm; flags still win.
 TOY_PAIRED_TRAINING = dict(batch_size=16, norm="batch", norm_g="layer", epochs=90, epochs_decay=90)  # 4500 steps
 # bicyclegan.py and divco.py sum the KL over the encoded half-batch, as the official code (one image
 # at its batch 2); at 16 pairs a step that would weigh the KL 8x more per image against the image
-# L1, which is a mean. Their toy default keeps the official per-image balance: lambda_KL 0.01 / 8.
+# L1, which is a mean. 0.01 / 8 keeps the official per-image balance (divco.py's toy default);
+# bicyclegan.py's toy default is four times it (its parse_args).
 TOY_SUMMED_KL = 0.01 * 2 / 16
 # Unpaired names (trainA/ trainB/ testA/ testB/), official CycleGAN zips and training options
 # (100 + 100 epochs, load 286, crop 256). maps and facades also exist paired: their unpaired
@@ -347,6 +348,12 @@ TOY_SPLITS = {"train": 400, "test": 100}  # the test pairs are drawn after the t
 # 2 to 56 % its code moved with the area as much as with the colour
 # (notebooks/when_g_ignores_z.md, "The shapes' area").
 TOY_AREA = (0.25, 0.35)
+# Every target's fill is its palette colour made lighter or darker by up to this much in each RGB
+# channel (toy data v5). With flat fills, G's output is constant over each colour's region of z, so
+# where E gives two colours nearby codes the image L1 has no gradient left to move them apart; a
+# shade gives z a continuous job within each colour, as a real photo's style is continuous
+# (notebooks/when_g_ignores_z.md, "A shade within each colour"). toy_mode still reads every shade.
+TOY_SHADE = 24
 
 
 def _toy_shape(rng):
@@ -361,15 +368,17 @@ def _toy_shape(rng):
     return kind, [(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)]
 
 
-def draw_toy(shape, colour=None):
-    """The outline (colour None: the input) or the filled shape in a palette colour (an output)."""
+def draw_toy(shape, colour=None, shade=0.0):
+    """The outline (colour None: the input) or the filled shape in a palette colour, lighter by
+    `shade` in each channel (darker if negative): an output."""
     kind, xy = shape
     if colour is None:
         img = Image.new("RGB", (TOY_SIZE, TOY_SIZE), (0, 0, 0))
         style = dict(fill=None, outline=(255, 255, 255), width=2)
     else:
         img = Image.new("RGB", (TOY_SIZE, TOY_SIZE), TOY_BACKGROUND)
-        style = dict(fill=TOY_PALETTE[colour], outline=TOY_OUTLINE, width=2)
+        fill = tuple(min(255, max(0, round(v + shade))) for v in TOY_PALETTE[colour])
+        style = dict(fill=fill, outline=TOY_OUTLINE, width=2)
     draw = ImageDraw.Draw(img)
     {"circle": draw.ellipse, "square": draw.rectangle, "triangle": draw.polygon}[kind](xy, **style)
     return img
@@ -379,7 +388,7 @@ def make_toy_dataset(folder, layout="paired", seed=0):
     """Write the toy data once (deterministic for a seed): paired A|B files in train/ and test/,
     or unpaired outlines and filled shapes in trainA/ trainB/ testA/ testB/."""
     folder = Path(folder)
-    stamp = f"toy v4 {layout} seed {seed}\n"  # v2: the equidistant palette; v3: 100 test pairs; v4: equal areas
+    stamp = f"toy v5 {layout} seed {seed}\n"  # v2: the equidistant palette; v3: 100 test pairs; v4: equal areas; v5: shades
     if (folder / ".complete").exists() and (folder / ".complete").read_text() == stamp:
         return folder
     rng = random.Random(seed)
@@ -388,15 +397,16 @@ def make_toy_dataset(folder, layout="paired", seed=0):
     for split, count in TOY_SPLITS.items():
         for i in range(count):
             shape, colour = _toy_shape(rng), rng.randrange(len(TOY_PALETTE))
+            shade = rng.uniform(-TOY_SHADE, TOY_SHADE)
             if layout == "paired":
                 pair = Image.new("RGB", (2 * TOY_SIZE, TOY_SIZE))
                 pair.paste(draw_toy(shape), (0, 0))
-                pair.paste(draw_toy(shape, colour), (TOY_SIZE, 0))
+                pair.paste(draw_toy(shape, colour, shade), (TOY_SIZE, 0))
                 (tmp / split).mkdir(parents=True, exist_ok=True)
                 pair.save(tmp / split / f"{i:04d}.png")
             else:  # the two domains get independent shapes: there are no pairs to learn from
                 other = _toy_shape(rng)
-                for side, img in (("A", draw_toy(shape)), ("B", draw_toy(other, colour))):
+                for side, img in (("A", draw_toy(shape)), ("B", draw_toy(other, colour, shade))):
                     (tmp / (split + side)).mkdir(parents=True, exist_ok=True)
                     img.save(tmp / (split + side) / f"{i:04d}.png")
     (tmp / ".complete").write_text(stamp)

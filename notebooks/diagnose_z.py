@@ -49,8 +49,9 @@ def toy_pairs(count, seed):
     pairs = []
     for _ in range(count):
         shape, colour = common._toy_shape(rng), rng.randrange(len(common.TOY_PALETTE))
+        shade = rng.uniform(-common.TOY_SHADE, common.TOY_SHADE)
         A = common.to_tensor(common.draw_toy(shape), 3)
-        B = common.to_tensor(common.draw_toy(shape, colour), 3)
+        B = common.to_tensor(common.draw_toy(shape, colour, shade), 3)
         pairs.append((A, B, colour))
     return pairs
 

@@ -36,6 +36,23 @@ def test_toy_shapes_fill_a_quarter_to_a_third_of_the_image(toy_paired):
     assert 0.24 < min(areas) and max(areas) < 0.38 and max(areas) / min(areas) < 1.5, (min(areas), max(areas))
 
 
+def test_toy_fills_vary_in_shade_within_each_colour(toy_paired):
+    # Toy data v5 (notebooks/when_g_ignores_z.md, A shade within each colour): with flat fills G's
+    # output is constant over a colour's region of z, and the image L1 cannot part two colours whose
+    # codes E has put together. Each colour's targets must span a range of shades, all read as it.
+    dataset = common.AlignedDataset(toy_paired / "train", load_size=64, crop_size=64, train=False)
+    fills = {m: [] for m in range(len(common.TOY_PALETTE))}
+    for i in range(0, len(dataset), 2):
+        B = dataset[i]["B"]
+        inside = common.toy_shape_mask(dataset[i]["A"]) & common.toy_foreground(B)
+        px = common._as_rgb255(B)[:, inside].t()
+        fills[common.toy_mode(B)].append(px[(px - torch.tensor(common.TOY_OUTLINE)).norm(dim=1) > 60].median(0).values)
+    for mode, values in fills.items():
+        lightness = torch.stack(values).mean(1)  # the mean over R, G, B moves with the shade
+        assert lightness.max() - lightness.min() > 30, (mode, lightness.min(), lightness.max())
+    assert common.TOY_SHADE > 0
+
+
 def test_restored_checkpoints_from_before_norm_g_and_norm_d_build_G_and_D_with_norm():
     args = type("Args", (), {"norm": "batch", "norm_g": "layer", "norm_d": "layer", "crop_size": 64,
                              "test_size": None})()
