@@ -1521,16 +1521,17 @@ def save_grid(rows, path, max_cell=256):
 
 
 def save_preview(rows, path, first_sample, toy=False):
-    """The epoch preview: save the grid (one row per input; the columns from first_sample on are
-    the samples for the preview's fixed codes) and measure how much each input's samples differ.
-    A generator that ignores its code draws the same image in every sample column. Returns
+    """The epoch preview: save the grid (one row per input, the input in column 0; the columns from
+    first_sample on are the samples for the preview's fixed codes) and measure how much each input's
+    samples differ. A generator that ignores its code draws the same image in every sample column. Returns
     {'preview_diversity': mean pixel L1 between consecutive samples of one input} and, on the toy
     data, 'preview_colours': the number of palette colours an input's samples reach (mean)."""
     save_grid(rows, path)
     samples = [row[first_sample:] for row in rows]
     stats = {"preview_diversity": sum(pixel_diversity(s) for s in samples) / len(samples)}
     if toy:
-        reached = [len({m for m in map(toy_mode, s) if m >= 0}) for s in samples]
+        modes = [toy_scores(row[0], s)["modes"] for row, s in zip(rows, samples)]  # -1: not a right answer
+        reached = [len({m for m in row_modes if m >= 0}) for row_modes in modes]
         stats["preview_colours"] = sum(reached) / len(reached)
     return stats
 
@@ -1605,17 +1606,30 @@ def toy_foreground(output_img):
     return (px - torch.tensor(TOY_BACKGROUND, dtype=px.dtype)[:, None, None]).norm(dim=0) > 40
 
 
+# A sample counts as a right answer only if it also follows the input's outline: its foreground
+# must overlap the region the outline encloses more than it misses it. The colour check alone
+# counted washed-out or blotched samples, and triangles drawn for circles, as clean (cLR-GAN on
+# toy data v5; README, "What the toy's checks count").
+TOY_MIN_IOU = 0.5
+
+
 def toy_scores(input_img, samples):
-    """For one input and its samples: the modes hit, the share of valid samples (a clear palette
-    colour), and faithfulness (mean IoU of each sample's shape with the input's outline region)."""
+    """For one input and its samples: the modes hit (toy_mode, or -1 where the sample does not
+    follow the input's outline), the share of valid samples (a clear palette colour in the input's
+    shape), the share with a clear colour in another shape ('off_shape'), and faithfulness (mean
+    IoU of each sample's foreground with the input's outline region)."""
     target = toy_shape_mask(input_img)
-    modes = [toy_mode(s) for s in samples]
-    ious = []
+    modes, ious, off_shape = [], [], 0
     for s in samples:
         fg = toy_foreground(s)
-        ious.append(float((fg & target).sum()) / max(1.0, float((fg | target).sum())))
+        iou = float((fg & target).sum()) / max(1.0, float((fg | target).sum()))
+        mode = toy_mode(s)
+        off_shape += mode >= 0 and iou < TOY_MIN_IOU
+        modes.append(mode if iou >= TOY_MIN_IOU else -1)
+        ious.append(iou)
     return {"modes": modes, "coverage": len({m for m in modes if m >= 0}) / len(TOY_PALETTE),
-            "valid": sum(m >= 0 for m in modes) / len(modes), "iou": sum(ious) / len(ious)}
+            "valid": sum(m >= 0 for m in modes) / len(modes), "off_shape": off_shape / len(samples),
+            "iou": sum(ious) / len(ious)}
 
 
 def code_agreement(modes):
@@ -1628,6 +1642,33 @@ def code_agreement(modes):
         clean = [row[k] for row in modes if row[k] >= 0]
         shares.append(max(clean.count(m) for m in set(clean)) / len(modes) if clean else 0.0)
     return sum(shares) / len(shares)
+
+
+def toy_metrics(scores, encoded_right=(), sync=False):
+    """The --test toy block from toy_scores of every input: mode coverage, valid share, samples
+    in another shape, IoU, per-colour counts; the share of encoded outputs in the ground truth's
+    colour (encoded_right: one bool per input); with --sync, code_agreement."""
+    counts = [0] * len(TOY_PALETTE)
+    for s in scores:
+        for m in s["modes"]:
+            if m >= 0:
+                counts[m] += 1
+    total = max(1, sum(counts))
+    entropy = sum(c / total * math.log(total / c) for c in counts if c)
+    toy = {
+        "mode_coverage": sum(s["coverage"] for s in scores) / len(scores),
+        "mode_coverage_per_input": [s["coverage"] for s in scores],
+        "valid_share": sum(s["valid"] for s in scores) / len(scores),
+        "off_shape_share": sum(s["off_shape"] for s in scores) / len(scores),
+        "faithfulness_iou": sum(s["iou"] for s in scores) / len(scores),
+        "mode_counts": counts,
+        "mode_entropy_vs_uniform": entropy / math.log(len(TOY_PALETTE)),
+    }
+    if encoded_right:  # the encoded output (z = E's mean for the ground truth) has its colour
+        toy["encoded_colour_right"] = sum(encoded_right) / len(encoded_right)
+    if sync:  # the same codes for every input: does each code mean one colour?
+        toy["code_agreement"] = code_agreement([s["modes"] for s in scores])
+    return toy
 
 
 def is_toy(dataset):
@@ -1729,7 +1770,7 @@ def write_test_results(folder, results, args, toy=None):
         if toy:
             scores.append(toy_scores(r["A"], r["samples"]))
             if r.get("encoded") is not None and r.get("B") is not None:  # does G follow E's code?
-                encoded_right.append(toy_mode(r["encoded"]) == toy_mode(r["B"]))
+                encoded_right.append(toy_scores(r["A"], [r["encoded"]])["modes"][0] == toy_mode(r["B"]))
     save_grid(rows[:MAX_GRID_ROWS], folder / "grid.png")
     metrics = {"inputs": len(results), "samples_per_input": len(results[0]["samples"]) if results else 0,
                "sync": bool(getattr(args, "sync", False)),
@@ -1740,25 +1781,7 @@ def write_test_results(folder, results, args, toy=None):
         from importlib.metadata import version as package_version
         metrics["lpips"] = f"lpips {package_version('lpips')}, alex backbone, pairs of consecutive samples"
     if scores:
-        counts = [0] * len(TOY_PALETTE)
-        for s in scores:
-            for m in s["modes"]:
-                if m >= 0:
-                    counts[m] += 1
-        total = max(1, sum(counts))
-        entropy = sum(c / total * math.log(total / c) for c in counts if c)
-        metrics["toy"] = {
-            "mode_coverage": sum(s["coverage"] for s in scores) / len(scores),
-            "mode_coverage_per_input": [s["coverage"] for s in scores],
-            "valid_share": sum(s["valid"] for s in scores) / len(scores),
-            "faithfulness_iou": sum(s["iou"] for s in scores) / len(scores),
-            "mode_counts": counts,
-            "mode_entropy_vs_uniform": entropy / math.log(len(TOY_PALETTE)),
-        }
-        if encoded_right:  # the encoded output (z = E's mean for the ground truth) has its colour
-            metrics["toy"]["encoded_colour_right"] = sum(encoded_right) / len(encoded_right)
-        if metrics["sync"]:  # the same codes for every input: does each code mean one colour?
-            metrics["toy"]["code_agreement"] = code_agreement([s["modes"] for s in scores])
+        metrics["toy"] = toy_metrics(scores, encoded_right, metrics["sync"])
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary = {k: v for k, v in metrics.items() if k != "toy"}
     if "toy" in metrics:

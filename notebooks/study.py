@@ -8,8 +8,8 @@ it, and gathers the numbers each `--test` writes to metrics.json into a table an
     python notebooks/study.py --iters 200 --seeds 0 --width 8 --methods BicycleGAN "pix2pix+noise"   # a taste
     python notebooks/study.py --seeds 0 1 2 3 --methods DivCo DivCo-featnorm --curve div   # raw against normalised features
 
-On the toy data the truth is known: realism = share of samples that are clean toy images (one
-palette colour, background kept), diversity = share of an input's four colour modes its samples
+On the toy data the truth is known: realism = share of samples that are right answers (one clean
+palette colour, background kept, in the input's shape; README, What the toy's checks count), diversity = share of an input's four colour modes its samples
 reach (and the pixel L1 between samples), faithfulness = IoU of the output shape with the input
 outline. The course notebooks import `run_study` and `plot_study` from here.
 """
@@ -180,7 +180,7 @@ def plot_study(summary, path, x="coverage", y="valid", title="Toy data: realism 
 
     labels = {"coverage": "diversity: share of the 4 modes reached per input",
               "pixel_l1": "diversity: pixel L1 between samples of one input",
-              "valid": "realism: share of samples that are clean toy images",
+              "valid": "realism: share of samples that are right answers",
               "faithful_iou": "faithfulness: IoU of output shape and input outline"}
     fig, ax = plt.subplots(figsize=(6, 4.5))
     markers = "osD^vP*X"

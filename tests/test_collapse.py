@@ -32,6 +32,9 @@ def test_preview_counts_colours_and_warns_on_collapse(tmp_path):
     assert stats["preview_colours"] == 4 and stats["preview_diversity"] > 0.05
     same = common.save_preview(collapsed, tmp_path / "b.png", first_sample=2, toy=True)
     assert same["preview_colours"] == 1 and same["preview_diversity"] == 0
+    elsewhere = [[outline, toy_image(0)] + [common.to_tensor(common.draw_toy(("square", [34, 34, 60, 60]), c), 3)
+                                            for c in range(4)]]  # the right colours, not in the input's shape
+    assert common.save_preview(elsewhere, tmp_path / "c.png", first_sample=2, toy=True)["preview_colours"] == 0
     assert (tmp_path / "a.png").exists()
 
     log = common.LossLog(tmp_path / "losses.csv")

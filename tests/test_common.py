@@ -86,6 +86,16 @@ def test_toy_metrics_on_constructed_samples(toy_paired):
     wrong = min((dataset[i] for i in range(1, len(dataset))),
                 key=lambda other: float((common.toy_foreground(other["B"]) & shape).sum()))
     assert common.toy_scores(item["A"], [wrong["B"]])["iou"] < 0.5
+    # A clean colour is not enough: a sample must also follow the input's outline. Another input's
+    # shape, or a pale wash with a blue band along one edge (what a run whose G ignores the outline
+    # drew), shows a palette colour to toy_mode but is no right answer for this input.
+    band = torch.full_like(item["B"], 235 / 127.5 - 1)
+    band[:, :, :10] = torch.tensor(common.TOY_PALETTE[2], dtype=torch.float)[:, None, None] / 127.5 - 1
+    for off in (wrong["B"], band):
+        assert common.toy_mode(off) >= 0
+        scores = common.toy_scores(item["A"], [off, item["B"]])
+        assert scores["modes"][0] == -1 and scores["valid"] == 0.5 and scores["off_shape"] == 0.5
+        assert scores["coverage"] == 0.25
 
 
 # --- loaders ----------------------------------------------------------------------------------
